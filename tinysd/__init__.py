@@ -1,0 +1,74 @@
+"""tinysd: Stable Diffusion from the foundations, on a small autograd engine of its own."""
+
+import numpy as np
+
+from . import backend, ops
+from .tensor import (
+    Function,
+    Tensor,
+    arange,
+    default_generator,
+    enable_grad,
+    full,
+    full_like,
+    is_grad_enabled,
+    manual_seed,
+    no_grad,
+    ones,
+    ones_like,
+    rand,
+    randint,
+    randn,
+    randn_like,
+    tensor,
+    zeros,
+    zeros_like,
+)
+from .ops import (
+    abs,
+    argmax,
+    argmin,
+    cat,
+    chunk,
+    clamp,
+    exp,
+    flatten,
+    log,
+    log_softmax,
+    matmul,
+    max,
+    maximum,
+    mean,
+    min,
+    minimum,
+    pad,
+    permute,
+    relu,
+    reshape,
+    sigmoid,
+    softmax,
+    split,
+    sqrt,
+    squeeze,
+    stack,
+    sum,
+    tanh,
+    transpose,
+    unsqueeze,
+    var,
+    where,
+)
+
+float32 = np.float32
+float64 = np.float64
+int64 = np.int64
+bool_ = np.bool_
+
+
+class cuda:
+    """`tinysd.cuda.is_available()`, as in PyTorch."""
+
+    is_available = staticmethod(backend.cuda_is_available)
+
+
+__version__ = "0.1.0"

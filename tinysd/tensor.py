@@ -1,0 +1,640 @@
+"""Tensor, Function and reverse-mode automatic differentiation.
+
+A Tensor wraps an array (NumPy on the CPU, CuPy on a GPU). Every operation on
+Tensors is a Function: `forward` computes the result from raw arrays, and
+`backward` turns the gradient of the loss with respect to the result, dL/dy,
+into the gradients with respect to the inputs, dL/dx_i (a vector-Jacobian
+product). Applying a Function records it on its output, so the outputs form a
+graph pointing back to the inputs.
+
+`loss.backward()` walks that graph from the loss back to the leaves in reverse
+topological order (found iteratively, so a graph 10,000 ops deep is fine),
+adding up gradients where a tensor was used more than once (chain rule:
+dL/dx = sum over uses of dL/dy_k * dy_k/dx).
+"""
+
+import contextlib
+
+import numpy as np
+
+from . import backend
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Inside this block, operations record no graph (inference, optimizer steps)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+@contextlib.contextmanager
+def enable_grad():
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, True
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+def unbroadcast(grad, shape):
+    """Sum a broadcast gradient back down to `shape`.
+
+    If x of shape (3, 1) was broadcast to (2, 3, 4), each x element was used
+    2*4 times, so dL/dx sums dL/dy over the broadcast axes.
+    """
+    if grad.shape == tuple(shape):
+        return grad
+    extra = grad.ndim - len(shape)
+    axes = tuple(range(extra)) + tuple(
+        extra + i for i, n in enumerate(shape) if n == 1 and grad.shape[extra + i] != 1
+    )
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.reshape(shape)
+
+
+class Function:
+    """One differentiable operation.
+
+    Subclasses implement `forward(*arrays, **options) -> array` and
+    `backward(grad) -> gradient array per tensor input (or None)`.
+    `self.needs_input_grad[i]` tells backward which gradients are wanted, so it
+    can skip the rest. Gradients of broadcast inputs may keep the broadcast
+    shape; the engine sums them back to the input's shape.
+    """
+
+    def __init__(self, *inputs):
+        self.inputs = inputs
+        self.needs_input_grad = tuple(t.requires_grad for t in inputs)
+        self.saved = ()
+        self.freed = False
+
+    def save_for_backward(self, *arrays):
+        self.saved = arrays
+
+    def forward(self, *arrays, **options):
+        raise NotImplementedError
+
+    def backward(self, grad):
+        raise NotImplementedError
+
+    @property
+    def name(self):
+        return type(self).__name__
+
+    @classmethod
+    def apply(cls, *inputs, **options):
+        """Run the op on Tensor inputs (non-Tensor options go by keyword) and record it."""
+        check_same_device(cls.__name__, inputs)
+        fn = cls(*inputs)
+        out = Tensor(fn.forward(*(t.data for t in inputs), **options))
+        if _grad_enabled and any(fn.needs_input_grad):
+            out.requires_grad = True
+            out._ctx = fn
+        return out
+
+
+def check_same_device(op_name, tensors):
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        described = ", ".join(f"{tuple(t.shape)} on {t.device}" for t in tensors)
+        raise RuntimeError(f"{op_name}: all inputs must be on one device, got {described}")
+
+
+def _as_array(data, dtype, device):
+    """Turn data into an array on `device`.
+
+    Arrays keep their dtype; Python floats and lists of them become float32
+    and Python ints int64, as in PyTorch.
+    """
+    xp = backend.xp_for_device(device)
+    if isinstance(data, Tensor):
+        data = data.data
+    keep_dtype = isinstance(data, (np.ndarray, np.generic)) or backend.is_cupy_array(data)
+    if backend.is_cupy_array(data) and xp is np:
+        data = data.get()
+    arr = xp.asarray(data)
+    if dtype is not None:
+        return arr.astype(np.dtype(dtype), copy=False)
+    if not keep_dtype and arr.dtype == np.float64:
+        return arr.astype(np.float32)
+    return arr
+
+
+class Tensor:
+    """An n-dimensional array that remembers how it was computed."""
+
+    __array_priority__ = 1000  # so ndarray + Tensor calls Tensor.__radd__
+
+    def __init__(self, data, requires_grad=False):
+        self.data = data
+        self.grad = None
+        self._ctx = None  # the Function that produced this tensor, None for leaves
+        self.requires_grad = False
+        if requires_grad:
+            self.requires_grad_(True)
+
+    # ---- basic properties -------------------------------------------------
+    @property
+    def shape(self):
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def size(self):
+        """Number of elements (an attribute, as NumPy has it; `numel()` is PyTorch's)."""
+        return int(self.data.size)
+
+    def numel(self):
+        return int(self.data.size)
+
+    def dim(self):
+        return self.data.ndim
+
+    def __len__(self):
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    @property
+    def device(self):
+        return backend.device_of(self.data)
+
+    @property
+    def is_leaf(self):
+        return self._ctx is None
+
+    def requires_grad_(self, flag=True):
+        if flag and self.dtype.kind != "f":
+            raise RuntimeError(
+                f"only floating-point tensors can require gradients, got dtype {self.dtype} "
+                f"for a tensor of shape {self.shape}"
+            )
+        self.requires_grad = flag
+        return self
+
+    # ---- conversion ----------------------------------------------------------
+    def numpy(self):
+        """The values as a NumPy array (copied from the GPU if needed)."""
+        return self.data.get() if backend.is_cupy_array(self.data) else self.data
+
+    def item(self):
+        if self.size != 1:
+            raise ValueError(f"item(): tensor of shape {self.shape} has {self.size} elements, not 1")
+        return self.numpy().reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def detach(self):
+        """The same values, cut off from the graph."""
+        return Tensor(self.data)
+
+    def to(self, target):
+        """`to("cuda")`, `to("cpu")` or `to(dtype)`: differentiable, like every op."""
+        if isinstance(target, str) and not _looks_like_dtype(target):
+            return ops.to_device(self, target)
+        return ops.cast(self, target)
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def cuda(self):
+        return self.to("cuda")
+
+    def float(self):
+        return ops.cast(self, np.float32)
+
+    def double(self):
+        return ops.cast(self, np.float64)
+
+    def long(self):
+        return ops.cast(self, np.int64)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        dev = ", device='cuda'" if self.device == "cuda" else ""
+        body = np.array2string(self.numpy(), separator=", ", threshold=50, precision=4)
+        return f"tensor({body}, dtype={self.dtype}{dev}{grad})"
+
+    def __bool__(self):
+        if self.size != 1:
+            raise RuntimeError(f"the truth value of a tensor of shape {self.shape} is ambiguous")
+        return bool(self.item())
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    __hash__ = object.__hash__
+
+    # ---- autograd ---------------------------------------------------------------
+    def backward(self, grad=None, retain_graph=False):
+        """Accumulate d(self)/d(leaf) * grad into `.grad` of every leaf that requires it.
+
+        `grad` defaults to 1 for a one-element tensor; any other output needs an
+        explicit upstream gradient of its own shape. The graph is freed
+        afterwards unless `retain_graph=True`.
+        """
+        if not self.requires_grad:
+            raise RuntimeError(
+                f"backward: tensor of shape {self.shape} does not require grad "
+                "(no input of its graph has requires_grad=True, or it was built under no_grad)"
+            )
+        xp = backend.array_module(self.data)
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(
+                    f"backward: grad can be implicit only for a one-element output, "
+                    f"this one has shape {self.shape}; pass grad= of that shape"
+                )
+            grad = xp.ones(self.shape, dtype=self.dtype)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
+            if tuple(grad.shape) != self.shape:
+                raise ValueError(f"backward: grad of shape {tuple(grad.shape)} does not match output {self.shape}")
+
+        grads = {id(self): grad}
+        for node in _topological_order(self):
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            fn = node._ctx
+            if fn is None:  # a leaf: accumulate into .grad
+                g = g.astype(node.dtype, copy=False)
+                node.grad = Tensor(g if node.grad is None else node.grad.data + g)
+                continue
+            if fn.freed:
+                raise RuntimeError(
+                    f"backward: the graph through {fn.name} (output shape {node.shape}) was already freed "
+                    "by an earlier backward(); pass retain_graph=True to the first call to go through it twice"
+                )
+            in_grads = fn.backward(g)
+            if not isinstance(in_grads, tuple):
+                in_grads = (in_grads,)
+            for parent, pg, needed in zip(fn.inputs, in_grads, fn.needs_input_grad):
+                if not needed or pg is None:
+                    continue
+                pg = unbroadcast(pg, parent.shape)
+                key = id(parent)
+                grads[key] = pg if key not in grads else grads[key] + pg
+            if not retain_graph:
+                fn.saved, fn.inputs, fn.freed = (), (), True
+
+    # ---- operators (each calls one function of tinysd.ops) ------------------
+    def __add__(self, other):
+        return ops.add(self, other)
+
+    def __radd__(self, other):
+        return ops.add(other, self)
+
+    def __sub__(self, other):
+        return ops.sub(self, other)
+
+    def __rsub__(self, other):
+        return ops.sub(other, self)
+
+    def __mul__(self, other):
+        return ops.mul(self, other)
+
+    def __rmul__(self, other):
+        return ops.mul(other, self)
+
+    def __truediv__(self, other):
+        return ops.div(self, other)
+
+    def __rtruediv__(self, other):
+        return ops.div(other, self)
+
+    def __pow__(self, other):
+        return ops.pow(self, other)
+
+    def __rpow__(self, other):
+        return ops.pow(other, self)
+
+    def __matmul__(self, other):
+        return ops.matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return ops.matmul(other, self)
+
+    def __neg__(self):
+        return ops.neg(self)
+
+    def __getitem__(self, index):
+        return ops.getitem(self, index)
+
+    def __setitem__(self, index, value):
+        if self.requires_grad and _grad_enabled:
+            raise RuntimeError("in-place assignment to a tensor that requires grad; wrap it in no_grad()")
+        self.data[_raw_index(index)] = value.data if isinstance(value, Tensor) else value
+
+    def __lt__(self, other):
+        return ops.compare(self, other, "less")
+
+    def __le__(self, other):
+        return ops.compare(self, other, "less_equal")
+
+    def __gt__(self, other):
+        return ops.compare(self, other, "greater")
+
+    def __ge__(self, other):
+        return ops.compare(self, other, "greater_equal")
+
+    def __eq__(self, other):
+        return ops.compare(self, other, "equal")
+
+    def __ne__(self, other):
+        return ops.compare(self, other, "not_equal")
+
+    # ---- methods with PyTorch's names ----------------------------------------
+    def add(self, other):
+        return ops.add(self, other)
+
+    def sub(self, other):
+        return ops.sub(self, other)
+
+    def mul(self, other):
+        return ops.mul(self, other)
+
+    def div(self, other):
+        return ops.div(self, other)
+
+    def matmul(self, other):
+        return ops.matmul(self, other)
+
+    def neg(self):
+        return ops.neg(self)
+
+    def exp(self):
+        return ops.exp(self)
+
+    def log(self):
+        return ops.log(self)
+
+    def sqrt(self):
+        return ops.sqrt(self)
+
+    def rsqrt(self):
+        return ops.pow(self, -0.5)
+
+    def abs(self):
+        return ops.abs(self)
+
+    def tanh(self):
+        return ops.tanh(self)
+
+    def sigmoid(self):
+        return ops.sigmoid(self)
+
+    def relu(self):
+        return ops.relu(self)
+
+    def maximum(self, other):
+        return ops.maximum(self, other)
+
+    def minimum(self, other):
+        return ops.minimum(self, other)
+
+    def clamp(self, min=None, max=None):
+        return ops.clamp(self, min, max)
+
+    clip = clamp
+
+    def sum(self, dim=None, keepdim=False):
+        return ops.sum(self, dim, keepdim)
+
+    def mean(self, dim=None, keepdim=False):
+        return ops.mean(self, dim, keepdim)
+
+    def var(self, dim=None, unbiased=True, keepdim=False, correction=None):
+        return ops.var(self, dim, unbiased, keepdim, correction)
+
+    def std(self, dim=None, unbiased=True, keepdim=False, correction=None):
+        return ops.sqrt(ops.var(self, dim, unbiased, keepdim, correction))
+
+    def max(self, dim=None, keepdim=False):
+        return ops.max(self, dim, keepdim)
+
+    def min(self, dim=None, keepdim=False):
+        return ops.min(self, dim, keepdim)
+
+    def argmax(self, dim=None, keepdim=False):
+        return ops.argmax(self, dim, keepdim)
+
+    def argmin(self, dim=None, keepdim=False):
+        return ops.argmin(self, dim, keepdim)
+
+    def reshape(self, *shape):
+        return ops.reshape(self, *shape)
+
+    def view(self, *shape):
+        return ops.reshape(self, *shape)
+
+    def transpose(self, dim0, dim1):
+        return ops.transpose(self, dim0, dim1)
+
+    @property
+    def T(self):
+        return ops.permute(self, *reversed(range(self.ndim)))
+
+    def permute(self, *dims):
+        return ops.permute(self, *dims)
+
+    def flatten(self, start_dim=0, end_dim=-1):
+        return ops.flatten(self, start_dim, end_dim)
+
+    def unsqueeze(self, dim):
+        return ops.unsqueeze(self, dim)
+
+    def squeeze(self, dim=None):
+        return ops.squeeze(self, dim)
+
+    def expand(self, *sizes):
+        return ops.expand(self, *sizes)
+
+    def expand_as(self, other):
+        return ops.expand(self, *other.shape)
+
+    def chunk(self, chunks, dim=0):
+        return ops.chunk(self, chunks, dim)
+
+    def split(self, split_size_or_sections, dim=0):
+        return ops.split(self, split_size_or_sections, dim)
+
+    def softmax(self, dim):
+        return ops.softmax(self, dim)
+
+    def log_softmax(self, dim):
+        return ops.log_softmax(self, dim)
+
+    def contiguous(self):
+        return self
+
+    def zero_(self):
+        self.data[...] = 0
+        return self
+
+
+def _looks_like_dtype(name):
+    try:
+        np.dtype(name)
+        return True
+    except TypeError:
+        return False
+
+
+def _raw_index(index):
+    """Replace Tensors inside an index by their arrays."""
+    if isinstance(index, Tensor):
+        return index.data
+    if isinstance(index, tuple):
+        return tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return index
+
+
+def _topological_order(root):
+    """Nodes that lead to `root` and need gradients, outputs before inputs.
+
+    Iterative depth-first search (post-order, then reversed): a recursive one
+    would overflow Python's stack on deep graphs.
+    """
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        if node._ctx is not None:
+            for parent in node._ctx.inputs:
+                if parent.requires_grad and id(parent) not in visited:
+                    stack.append((parent, False))
+    order.reverse()
+    return order
+
+
+# ---- creation ------------------------------------------------------------------
+def tensor(data, dtype=None, requires_grad=False, device="cpu"):
+    """A new leaf tensor from a Python scalar, a list, or an array.
+
+    Python floats default to float32 (as in PyTorch); NumPy arrays keep their dtype.
+    """
+    return Tensor(_as_array(data, dtype, device), requires_grad=requires_grad)
+
+
+def _make(fill, shape, dtype, requires_grad, device):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    xp = backend.xp_for_device(device)
+    data = fill(xp, tuple(int(s) for s in shape), np.dtype(dtype or np.float32))
+    return Tensor(data, requires_grad=requires_grad)
+
+
+def zeros(*shape, dtype=None, requires_grad=False, device="cpu"):
+    return _make(lambda xp, s, d: xp.zeros(s, d), shape, dtype, requires_grad, device)
+
+
+def ones(*shape, dtype=None, requires_grad=False, device="cpu"):
+    return _make(lambda xp, s, d: xp.ones(s, d), shape, dtype, requires_grad, device)
+
+
+def full(shape, fill_value, dtype=None, requires_grad=False, device="cpu"):
+    return _make(lambda xp, s, d: xp.full(s, fill_value, d), (shape,), dtype, requires_grad, device)
+
+
+def randn(*shape, dtype=None, requires_grad=False, device="cpu", generator=None):
+    """Standard normal samples; `generator` is a numpy.random.Generator (default: the global one)."""
+    rng = generator or default_generator()
+    return _make(
+        lambda xp, s, d: xp.asarray(rng.standard_normal(s).astype(d)), shape, dtype, requires_grad, device
+    )
+
+
+def rand(*shape, dtype=None, requires_grad=False, device="cpu", generator=None):
+    rng = generator or default_generator()
+    return _make(lambda xp, s, d: xp.asarray(rng.random(s).astype(d)), shape, dtype, requires_grad, device)
+
+
+def randint(low, high, shape, device="cpu", generator=None):
+    rng = generator or default_generator()
+    xp = backend.xp_for_device(device)
+    return Tensor(xp.asarray(rng.integers(low, high, size=shape, dtype=np.int64)))
+
+
+def arange(start, end=None, step=1, dtype=None, device="cpu"):
+    if end is None:
+        start, end = 0, start
+    xp = backend.xp_for_device(device)
+    data = xp.arange(start, end, step)
+    if dtype is not None:
+        data = data.astype(np.dtype(dtype))
+    elif data.dtype.kind == "f":
+        data = data.astype(np.float32)
+    return Tensor(data)
+
+
+def _like(fn, t, **kw):
+    kw.setdefault("dtype", t.dtype)
+    kw.setdefault("device", t.device)
+    return fn(*t.shape, **kw)
+
+
+def zeros_like(t, **kw):
+    return _like(zeros, t, **kw)
+
+
+def ones_like(t, **kw):
+    return _like(ones, t, **kw)
+
+
+def randn_like(t, **kw):
+    return _like(randn, t, **kw)
+
+
+def full_like(t, fill_value, dtype=None, device=None):
+    return full(t.shape, fill_value, dtype=dtype or t.dtype, device=device or t.device)
+
+
+_generator = np.random.default_rng()
+
+
+def manual_seed(seed):
+    """Seed the global generator used by randn/rand/randint and parameter initialisation."""
+    global _generator
+    _generator = np.random.default_rng(seed)
+    cp = backend.cupy_or_none()
+    if cp is not None and backend.cuda_is_available():
+        cp.random.seed(seed)
+    return _generator
+
+
+def default_generator():
+    return _generator
+
+
+from . import ops  # noqa: E402  (ops needs Tensor and Function defined above)
