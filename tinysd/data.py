@@ -11,6 +11,7 @@ The 70,000 digits are then cached as a plain ``.npz`` of uint8 arrays under
 and compares with constants measured once and written below, so a damaged or
 edited cache is rebuilt, never trusted.
 
+    >>> rng = np.random.default_rng(0)
     >>> images, labels = load_mnist("train")     # (60000, 28, 28) uint8, (60000,) int64
     >>> x = to_float_images(images[:64])         # (64, 1, 32, 32) float32 in [-1, 1]
     >>> for idx in iterate_minibatches(len(images), 128, rng):
@@ -181,7 +182,7 @@ def _read_mnist_pickle(path):
         parts = load_numpy_pickle(f)
     images, labels = {}, {}
     for split, pairs in (("train", parts[:2]), ("test", parts[2:])):
-        x = np.concatenate([p[0] for p in pairs]).astype(np.float64) * 256
+        x = np.concatenate([p[0] for p in pairs]) * np.float32(256)  # exact: a power of two
         if not (np.all(x == np.round(x)) and x.min() >= 0 and x.max() <= 255):
             raise RuntimeError("MNIST pickle: pixel values are not byte/256")
         images[split] = x.astype(np.uint8).reshape(-1, 28, 28)
@@ -227,7 +228,7 @@ def _read_cache(path, split):
     if not path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
             images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
     except Exception as e:  # a damaged zip can fail in many ways; all mean "rebuild"
         _say(f"the MNIST cache {path} is unreadable ({type(e).__name__}); rebuilding it")
