@@ -34,7 +34,9 @@ def numerical_grad(f, x, eps=1e-6):
     `x` is a NumPy array (or a Tensor, whose values are used); f receives a
     perturbed copy and may return a Python number, a 0-d array or a 1-element Tensor.
     """
-    x = np.array(x.numpy() if isinstance(x, Tensor) else x, dtype=np.float64)
+    # order="C": a C-ordered copy, so `flat` below is a view of it (for a transposed x,
+    # reshape(-1) would return a copy and the perturbations would never reach f).
+    x = np.array(x.numpy() if isinstance(x, Tensor) else x, dtype=np.float64, order="C")
     grad = np.zeros_like(x)
     flat, gflat = x.reshape(-1), grad.reshape(-1)
     for i in range(flat.size):

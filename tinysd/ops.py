@@ -239,7 +239,7 @@ class Relu(Function):
     """y = max(x, 0);  dx = g where x > 0."""
 
     def forward(self, x):
-        y = x * (x > 0)
+        y = backend.array_module(x).maximum(x, 0)  # not x * (x > 0): -inf * 0 is nan
         self.save_for_backward(y)
         return y
 
@@ -287,7 +287,7 @@ class Maximum(Function):
     def backward(self, g):
         a, b = self.saved
         a_wins = (a > b) if self.take_larger else (a < b)
-        share_a = a_wins + 0.5 * (a == b)
+        share_a = (a_wins + 0.5 * (a == b)).astype(g.dtype)  # 0.5 * bool would be float64
         return g * share_a, g * (1 - share_a)
 
 
@@ -439,7 +439,7 @@ class MaxAll(Function):
 
     def backward(self, g):
         x, y = self.saved
-        winners = x == y
+        winners = (x == y).astype(g.dtype)  # a float count: g / int64 would be float64
         return g * winners / winners.sum()
 
 
@@ -538,7 +538,7 @@ def flatten(x, start_dim=0, end_dim=-1):
     if x.ndim == 0:
         return reshape(x, 1)
     s, e = _dim(start_dim, x.ndim, "flatten"), _dim(end_dim, x.ndim, "flatten")
-    return reshape(x, *x.shape[:s], -1 if x.size else 0, *x.shape[e + 1 :])
+    return reshape(x, *x.shape[:s], math.prod(x.shape[s : e + 1]), *x.shape[e + 1 :])
 
 
 def unsqueeze(x, dim):
@@ -631,6 +631,8 @@ def cat(tensors, dim=0):
     tensors = list(tensors)
     if not tensors:
         raise ValueError("cat: expected a non-empty list of tensors")
+    if tensors[0].ndim == 0:
+        raise ValueError("cat: zero-dimensional tensors (shape ()) cannot be joined; use stack")
     axis = _dim(dim, tensors[0].ndim, "cat")
     first = tensors[0].shape
     for t in tensors:

@@ -138,7 +138,8 @@ class Tensor:
     __array_priority__ = 1000  # so ndarray + Tensor calls Tensor.__radd__
 
     def __init__(self, data, requires_grad=False):
-        self.data = data
+        # NumPy reductions return scalars (np.float64), not 0-d arrays: keep arrays throughout.
+        self.data = np.asarray(data) if isinstance(data, np.generic) else data
         self.grad = None
         self._ctx = None  # the Function that produced this tensor, None for leaves
         self.requires_grad = False
@@ -281,7 +282,7 @@ class Tensor:
                 continue
             fn = node._ctx
             if fn is None:  # a leaf: accumulate into .grad
-                g = g.astype(node.dtype, copy=False)
+                g = g.astype(node.dtype)  # a copy: g may be a read-only broadcast view, or shared
                 node.grad = Tensor(g if node.grad is None else node.grad.data + g)
                 continue
             if fn.freed:
