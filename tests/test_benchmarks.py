@@ -1,0 +1,42 @@
+"""Smoke test of benchmarks/bench_ops.py: a tiny run writes a complete JSON report (no timing checks)."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ops.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_ops", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_json(bench, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--no-memory", "--repeat", "1", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    rows = report["rows"]
+    assert [(r["op"], r["shape"]) for r in rows] == [(c.op, c.shape) for c in bench.cases(quick=True)]
+    for row in rows:
+        assert row["errors"] == {}, row
+        for impl in ("ours", "reference"):
+            assert row["ms"][impl] > 0, row
+        if "torch" in row["ms"]:
+            assert row["ours_over_torch"] == pytest.approx(row["ms"]["ours"] / row["ms"]["torch"])
+    assert report["settings"]["device"] == "cpu" and report["settings"]["quick"] is True
+    table = capsys.readouterr().out
+    assert "ours/torch" in table and "conv2d" in table and "adamw_step" in table
+
+
+def test_memory_is_measured_in_a_subprocess(bench, tmp_path):
+    path = tmp_path / "bench.json"
+    bench.main(["--quick", "--repeat", "1", "--only", "conv2d (2,4,8,8)->4 ", "--json", str(path)])
+    (row,) = json.loads(path.read_text())["rows"]
+    assert isinstance(row["memory_bytes"]["ours"], int), row
+    assert row["memory_method"]["ours"] in ("VmHWM", "ru_maxrss")
