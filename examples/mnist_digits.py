@@ -1,0 +1,395 @@
+"""Text-to-digit latent diffusion on MNIST, from nothing, on tinysd alone.
+
+    python examples/mnist_digits.py                 # the whole job (about 10 minutes on a 2-core CPU)
+    python examples/mnist_digits.py --quick         # a smoke run in about a minute
+    python examples/mnist_digits.py --prompt "the number 3" --samples-per-digit 100
+
+Stages, each saved to `--out` as a safetensors checkpoint and skipped on the
+next run when its checkpoint is there (`--retrain STAGE` or `--retrain all`
+redoes it; Ctrl-C mid-stage keeps every finished checkpoint and the stage's
+resume file, so rerunning picks up where it stopped):
+
+  1. classifier  the lesson's "magic function" f(x) = p(digit | image); it also scores the samples
+  2. vae         compresses 1x32x32 digits to 4x8x8 latents and back
+  3. clip        text and image encoders trained so matching caption/image pairs score high
+  4. unet        predicts the noise added to latents, given the timestep and CLIP's text states;
+                 captions are dropped 10% of the time so one model also learns the unconditional
+                 prediction that classifier-free guidance needs
+  then: sample   iterative denoising (DDIM by default) for prompts such as "a handwritten digit seven"
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import tinysd  # noqa: E402
+import tinysd.nn.functional as F  # noqa: E402
+from tinysd import io, optim  # noqa: E402
+from tinysd.data import load_dataset, to_float_images  # noqa: E402
+from tinysd.metrics import frechet_distance, psnr  # noqa: E402
+from tinysd.models import (  # noqa: E402
+    AutoencoderKL,
+    CLIPModel,
+    DigitClassifier,
+    UNet2DConditionModel,
+)
+from tinysd.pipeline import TextToImage  # noqa: E402
+from tinysd.schedulers import DDIMScheduler, DDPMScheduler  # noqa: E402
+from tinysd.tokenizer import DIGIT_WORDS, Tokenizer, digit_captions  # noqa: E402
+from tinysd.training import epoch_batches, train  # noqa: E402
+
+STAGES = ("classifier", "vae", "clip", "unet")
+
+# Training budgets, chosen by measurement on a 2-core CPU (see the README for why).
+FULL = dict(
+    classifier=dict(steps=700, batch=128, lr=3e-3),
+    vae=dict(steps=1500, batch=128, lr=2e-3, kl_weight=1e-4),
+    clip=dict(steps=600, batch=256, lr=2e-3),
+    unet=dict(steps=3000, batch=128, lr=2e-3),
+    train_subset=None,
+)
+QUICK = dict(
+    classifier=dict(steps=20, batch=64, lr=3e-3),
+    vae=dict(steps=20, batch=64, lr=2e-3, kl_weight=1e-4),
+    clip=dict(steps=20, batch=64, lr=2e-3),
+    unet=dict(steps=20, batch=64, lr=2e-3),
+    train_subset=2048,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", default="runs/mnist_digits", help="folder for checkpoints and outputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run in about a minute")
+    p.add_argument("--prompt", action="append", default=[], help="extra free-text prompt (repeatable)")
+    p.add_argument("--samples-per-digit", type=int, default=10)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--retrain", action="append", default=[], choices=[*STAGES, "all"])
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion"])
+    return p.parse_args(argv)
+
+
+class Run:
+    """What every stage needs: the output folder, the device, the data, the budgets."""
+
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = args.device
+        self.budget = QUICK if args.quick else FULL
+        self.retrain = set(STAGES) if "all" in args.retrain else set(args.retrain)
+        self.metrics = {}
+        images, self.train_labels = load_dataset(args.dataset, "train")
+        test_images, self.test_labels = load_dataset(args.dataset, "test")
+        if self.budget["train_subset"]:
+            keep = np.random.default_rng(args.seed).permutation(len(images))[: self.budget["train_subset"]]
+            images, self.train_labels = images[keep], self.train_labels[keep]
+            test_images, self.test_labels = test_images[:1000], self.test_labels[:1000]
+        self.train_images = to_float_images(images)  # (N, 1, 32, 32) in [-1, 1]
+        self.test_images = to_float_images(test_images)
+
+    def tensor(self, array):
+        return tinysd.tensor(array, device=self.device)
+
+    def stage(self, name, model, fit):
+        """Load `name`'s checkpoint if it exists (and no retrain was asked), else fit and save it."""
+        path = self.out / f"{name}.safetensors"
+        resume = self.out / f"{name}.resume.safetensors"
+        if path.exists() and name not in self.retrain:
+            model.load_state_dict(io.load_file(path))
+            summary = json.loads(io.load_metadata(path).get("summary", "{}"))
+            print(f"[{name}] loaded {path}")
+        else:
+            if name in self.retrain and resume.exists():
+                resume.unlink()
+            summary = fit(str(resume))
+            io.save_file(model.state_dict(), path, metadata={"summary": json.dumps(summary)})
+            if resume.exists():
+                resume.unlink()
+            details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+            print(f"[{name}] {details}")
+        self.metrics[name] = summary
+        model.eval()
+        return summary
+
+
+def batches_of(run, cfg):
+    return epoch_batches(len(run.train_images), cfg["batch"], run.args.seed)
+
+
+def warmup_cosine(cfg):
+    warmup = max(1, cfg["steps"] // 20)
+    return lambda step: optim.warmup_cosine_lr(step, cfg["lr"], warmup, cfg["steps"])
+
+
+def evaluate_in_batches(fn, images, batch=500):
+    with tinysd.no_grad():
+        return np.concatenate([fn(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+# ---- stage 1: the classifier (the magic function) ----------------------------------------------
+def stage_classifier(run):
+    model = DigitClassifier().to(run.device)
+    cfg = run.budget["classifier"]
+
+    def loss_fn(idx):
+        return F.cross_entropy(model(run.tensor(run.train_images[idx])), run.tensor(run.train_labels[idx]))
+
+    def fit(resume):
+        opt = optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=1e-4)
+        s = train(model, opt, loss_fn, batches_of(run, cfg), cfg["steps"], lr_at=warmup_cosine(cfg),
+                  resume_path=resume, desc="classifier", batch_size=cfg["batch"])
+        model.eval()
+        s["test_accuracy"] = classifier_accuracy(run, model, run.test_images, run.test_labels)
+        return s
+
+    run.stage("classifier", model, fit)
+    return model
+
+
+def classifier_accuracy(run, model, images, labels):
+    logits = evaluate_in_batches(lambda x: model(run.tensor(x)).numpy(), images)
+    return float((logits.argmax(1) == labels).mean())
+
+
+# ---- stage 2: the VAE --------------------------------------------------------------------------
+def stage_vae(run):
+    model = AutoencoderKL().to(run.device)
+    cfg = run.budget["vae"]
+
+    def loss_fn(idx):
+        x = run.tensor(run.train_images[idx])
+        posterior = model.encode(x)
+        recon = model.decode(posterior.sample())
+        return F.mse_loss(recon, x) + cfg["kl_weight"] * posterior.kl().mean()
+
+    def fit(resume):
+        opt = optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+        s = train(model, opt, loss_fn, batches_of(run, cfg), cfg["steps"], lr_at=warmup_cosine(cfg),
+                  resume_path=resume, desc="vae", batch_size=cfg["batch"])
+        model.eval()
+        recon = evaluate_in_batches(lambda x: model.decode(model.encode(run.tensor(x)).mode()).numpy(),
+                                    run.test_images)
+        s["test_psnr_db"] = psnr(crop01(recon), crop01(run.test_images))
+        # Scale latents to unit variance for the diffusion model, as Stable Diffusion does.
+        latents = encode_latents(run, model, run.train_images[:5000], scale=1.0)
+        s["scaling_factor"] = float(1.0 / latents.std())
+        return s
+
+    summary = run.stage("vae", model, fit)
+    model.scaling_factor = summary["scaling_factor"]
+    return model
+
+
+def crop01(images):
+    """(N, 1, 32, 32) in [-1, 1] -> (N, 28, 28) in [0, 1]: the digits as MNIST has them."""
+    return np.clip((np.asarray(images)[:, 0, 2:30, 2:30] + 1) / 2, 0, 1)
+
+
+def encode_latents(run, vae, images, scale):
+    return evaluate_in_batches(lambda x: vae.encode(run.tensor(x)).mode().numpy(), images) * scale
+
+
+# ---- stage 3: CLIP -----------------------------------------------------------------------------
+def stage_clip(run, tokenizer):
+    model = CLIPModel(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length).to(run.device)
+    cfg = run.budget["clip"]
+    rng = np.random.default_rng(run.args.seed + 3)
+
+    def loss_fn(idx):
+        labels = run.train_labels[idx]
+        ids = tokenizer([digit_captions(int(d), rng) for d in labels])
+        positives = labels[:, None] == labels[None, :]  # captions of the same digit are matches too
+        return model(run.tensor(ids), run.tensor(run.train_images[idx]), positives=positives)
+
+    def fit(resume):
+        opt = optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
+        # Clipping the gradient norm at 1.0 keeps contrastive training from collapsing to loss ln(batch).
+        s = train(model, opt, loss_fn, batches_of(run, cfg), cfg["steps"], lr_at=warmup_cosine(cfg),
+                  clip_norm=1.0, resume_path=resume, desc="clip", batch_size=cfg["batch"])
+        model.eval()
+        s["zero_shot_test_accuracy"] = clip_zero_shot_accuracy(run, model, tokenizer)
+        return s
+
+    run.stage("clip", model, fit)
+    return model
+
+
+def digit_prompt(d):
+    return f"a handwritten digit {DIGIT_WORDS[d]}"
+
+
+def clip_zero_shot_accuracy(run, model, tokenizer):
+    ids = run.tensor(tokenizer([digit_prompt(d) for d in range(10)]))
+    predicted = evaluate_in_batches(lambda x: model.zero_shot_classify(run.tensor(x), ids), run.test_images)
+    return float((predicted == run.test_labels).mean())
+
+
+# ---- stage 4: the latent UNet --------------------------------------------------------------------
+def stage_unet(run, vae, clip, tokenizer):
+    model = UNet2DConditionModel(cross_attention_dim=clip.text_model.width).to(run.device)
+    cfg = run.budget["unet"]
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False)
+
+    def fit(resume):
+        latents = encode_latents(run, vae, run.train_images, vae.scaling_factor)
+        captions, caption_of = caption_bank(tokenizer)
+        with tinysd.no_grad():
+            states = clip.text_model(run.tensor(tokenizer(captions)))[0].numpy()  # (K, S, width)
+        rng = np.random.default_rng(run.args.seed + 4)
+        T = scheduler.num_train_timesteps
+
+        def loss_fn(idx):
+            labels = run.train_labels[idx]
+            which = np.array([rng.choice(caption_of[d]) for d in labels])
+            which[rng.random(len(idx)) < 0.1] = 0  # caption dropout: the empty prompt, for guidance
+            x0 = latents[idx]
+            noise = rng.standard_normal(x0.shape).astype(np.float32)
+            t = rng.integers(0, T, len(idx))
+            noisy = scheduler.add_noise(x0, noise, t)
+            pred = model(run.tensor(noisy), run.tensor(t), run.tensor(states[which]))
+            return F.mse_loss(pred, run.tensor(noise))
+
+        ema = optim.EMA(model, decay=0.999)
+        opt = optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+        s = train(model, opt, loss_fn, batches_of(run, cfg), cfg["steps"], lr_at=warmup_cosine(cfg),
+                  clip_norm=1.0, ema=ema, resume_path=resume, desc="unet", batch_size=cfg["batch"])
+        ema.copy_to(model)
+        return s
+
+    run.stage("unet", model, fit)
+    return model
+
+
+def caption_bank(tokenizer, per_digit=40, seed=0):
+    """A fixed bank of distinct captions: index 0 is the empty prompt, then captions per digit."""
+    rng = np.random.default_rng(seed)
+    captions, caption_of = [""], {}
+    for d in range(10):
+        mine = sorted({digit_captions(d, rng) for _ in range(per_digit)} | {digit_prompt(d)})
+        caption_of[d] = list(range(len(captions), len(captions) + len(mine)))
+        captions += mine
+    return captions, caption_of
+
+
+# ---- sampling and scoring ------------------------------------------------------------------------
+def sample_and_score(run, pipe, classifier):
+    args = run.args
+    prompts = [digit_prompt(d) for d in range(10) for _ in range(args.samples_per_digit)]
+    labels = [d for d in range(10) for _ in range(args.samples_per_digit)]
+    for text in args.prompt:
+        prompts += [text] * args.samples_per_digit
+        labels += [digit_in_text(text)] * args.samples_per_digit
+    labels = np.array(labels, dtype=np.int64)
+
+    t0 = time.perf_counter()
+    images = []
+    for i in range(0, len(prompts), 250):
+        images.append(pipe(prompts[i : i + 250], num_inference_steps=args.steps, guidance_scale=args.guidance,
+                           seed=args.seed + i))
+    images = np.concatenate(images)  # (N, 1, 32, 32) in [0, 1]
+    sample_s = time.perf_counter() - t0
+    digits = images[:, 0, 2:30, 2:30].astype(np.float32)
+    np.savez(run.out / "samples.npz", images=digits, labels=labels, prompts=np.array(prompts))
+
+    as_input = images * 2 - 1
+    predicted = evaluate_in_batches(lambda x: classifier(run.tensor(x)).numpy(), as_input).argmax(1)
+    known = labels >= 0
+    per_digit = {str(d): float((predicted[labels == d] == d).mean()) for d in range(10) if (labels == d).any()}
+    sample_features = evaluate_in_batches(lambda x: classifier.features(run.tensor(x)).numpy(), as_input)
+    test_features = evaluate_in_batches(lambda x: classifier.features(run.tensor(x)).numpy(), run.test_images[:5000])
+    run.metrics["samples"] = {
+        "count": len(prompts),
+        "wall_s": sample_s,
+        "images_per_s": len(prompts) / sample_s,
+        "accuracy": float((predicted[known] == labels[known]).mean()) if known.any() else None,
+        "accuracy_per_digit": per_digit,
+        "frechet_distance_classifier_features": frechet_distance(sample_features, test_features),
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "scheduler": args.scheduler,
+    }
+    save_grid(run.out / "samples.png", digits, prompts, args.samples_per_digit)
+    save_denoising_gif(run, pipe)
+
+
+def digit_in_text(text):
+    """The digit a free-text prompt asks for (a word or a numeral), or -1."""
+    for word in text.lower().replace(".", " ").split():
+        if word.isdigit() and len(word) == 1:
+            return int(word)
+        if word in DIGIT_WORDS:
+            return DIGIT_WORDS.index(word)
+    return -1
+
+
+def save_grid(path, digits, prompts, per_row, scale=2):
+    """One row per prompt, labelled with its prompt on the left."""
+    from PIL import Image, ImageDraw
+
+    rows = len(digits) // per_row
+    cols = min(per_row, 20)
+    label_w, cell = 190, 28 * scale
+    grid = Image.new("L", (label_w + cols * cell, rows * cell), 255)
+    draw = ImageDraw.Draw(grid)
+    for r in range(rows):
+        draw.text((4, r * cell + cell // 2 - 6), prompts[r * per_row][:30], fill=0)
+        for c in range(cols):
+            tile = Image.fromarray((255 - digits[r * per_row + c] * 255).astype(np.uint8)).resize((cell, cell))
+            grid.paste(tile, (label_w + c * cell, r * cell))
+    grid.save(path)
+
+
+def save_denoising_gif(run, pipe, scale=2):
+    """Frames of the denoising of one prompt per digit, from noise to digits."""
+    from PIL import Image
+
+    frames = []
+
+    def keep(step, timestep, latents, decode):
+        images = decode(latents)[:, 0, 2:30, 2:30]  # (10, 28, 28) in [0, 1]
+        strip = np.concatenate(list(images), axis=1)
+        frames.append(Image.fromarray((255 - strip * 255).astype(np.uint8)).resize((strip.shape[1] * scale, 28 * scale)))
+
+    pipe([digit_prompt(d) for d in range(10)], num_inference_steps=run.args.steps,
+         guidance_scale=run.args.guidance, seed=run.args.seed, callback=keep, progress=False)
+    frames[0].save(run.out / "denoise.gif", save_all=True, append_images=frames[1:] + [frames[-1]] * 8, duration=80)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tinysd.manual_seed(args.seed)
+    start = time.perf_counter()
+    run = Run(args)
+    tokenizer = Tokenizer()
+    classifier = stage_classifier(run)
+    vae = stage_vae(run)
+    clip = stage_clip(run, tokenizer)
+    unet = stage_unet(run, vae, clip, tokenizer)
+    scheduler_cls = DDIMScheduler if args.scheduler == "ddim" else DDPMScheduler
+    scheduler = scheduler_cls(beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    pipe = TextToImage(vae, tokenizer, clip.text_model, unet, scheduler)
+    sample_and_score(run, pipe, classifier)
+    run.metrics["total_wall_s"] = time.perf_counter() - start
+    with open(run.out / "metrics.json", "w") as f:
+        json.dump(run.metrics, f, indent=2)
+    s = run.metrics["samples"]
+    print(f"[samples] {s['count']} in {s['wall_s']:.1f}s, accuracy {s['accuracy']}, "
+          f"Frechet distance {s['frechet_distance_classifier_features']:.3f}; total {run.metrics['total_wall_s']:.0f}s")
+    print(f"outputs in {run.out}{os.sep}: samples.png, denoise.gif, samples.npz, metrics.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,856 @@
+"""Numba kernels for NumPy arrays on the CPU: the same functions as kernels/reference.py, fast.
+
+Where the time goes on a CPU, and what this module does about it:
+
+* Convolution is matrix multiplication (GEMM) plus data movement. NumPy's BLAS
+  multiplies matrices about as fast as this CPU allows; what makes a plain
+  NumPy version slow is building the im2col matrix, transposing, temporaries.
+  Here Numba loops write the im2col matrix of a few samples at a time straight
+  into a buffer that stays in cache, one BLAS call per chunk multiplies it
+  (with BLAS's transpose flags instead of transposed copies), and col2im is a
+  gather: each output row is written by one loop, no atomics.
+* Attention never materialises the (B, Sq, Sk) probabilities: BLAS computes
+  the scores of a chunk of batch items, a fused Numba pass turns them into
+  probabilities in place, BLAS applies them; backward recomputes each chunk's
+  probabilities from the saved log-sum-exp.
+* Norms, softmax and AdamW are single fused parallel passes over rows.
+
+Two thread pools on two cores fight: Numba's parallel loops and OpenBLAS's
+threads each spin while waiting for work, so alternating between them many
+times per call costs far more than it gains. The convolution therefore runs
+its (cheap) data movement in plain serial Numba and lets BLAS use the cores;
+everything without BLAS inside runs in Numba's parallel loops (`prange`).
+
+For the same reason this module asks OpenMP (Numba's default threading layer)
+to let idle threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless
+the environment already says otherwise): with spinning threads, a parallel
+kernel that runs while another process or BLAS holds a core waits for a whole
+scheduler time slice, 8 ms instead of 0.2 ms for a layer norm on this 2-core machine.
+
+Kernels compile on first use (float32 and float64) and are cached on disk
+(`cache=True`); optional arguments are passed as flags plus dummy arrays so
+that each kernel has one compiled version per dtype.
+"""
+
+import math
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when Numba first starts its OpenMP threads
+
+import numpy as np  # noqa: E402
+from numba import get_num_threads, njit, prange, vectorize
+
+from . import reference  # noqa: E402
+from .reference import conv_output_size  # noqa: E402
+
+# fastmath flags that let LLVM vectorise sums (reassociate) but keep inf/nan semantics (masks use -inf)
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+# ---- convolution: channels-last im2col, one GEMM per chunk of samples ------------
+# A chunk of samples of x is copied to channels-last order (N, H, W, C) with
+# the zero padding built in. An im2col row (one output pixel) is then KH runs
+# of KW*C contiguous values, which copy at memory speed. Column order of the
+# im2col matrix: (g, i, j, c), so group g's columns are one contiguous block.
+#
+# Numba note: the copy loops index views with the loop variable itself
+# (dst[t] = src[t]) rather than with computed offsets (dst[a + t] = src[b + t]);
+# LLVM then knows the index is non-negative and vectorises the loop (4x faster).
+_CACHE_BYTES = 4 << 20  # work buffers per chunk of samples: about this size (L2/L3 resident)
+
+
+@njit(cache=True)
+def _to_channels_last(src, n0, top, left, dst):
+    """dst[n, y + top, x + left, c] = src[n0 + n, c, y, x]; the border of dst (the padding) is zeroed."""
+    nc, hd, wd, c_count = dst.shape
+    _, _, h, w = src.shape
+    for n in range(nc):
+        for row in range(hd):
+            out = dst[n, row]
+            out[:] = 0
+            y = row - top
+            if y < 0 or y >= h:
+                continue
+            inside = out[left : left + w]
+            for c in range(c_count):
+                plane_row, column = src[n0 + n, c, y], inside[:, c]
+                for x in range(w):
+                    column[x] = plane_row[x]
+
+
+@njit(cache=True)
+def _to_channels_first(src, top, left, n0, dst):
+    """dst[n0 + n, c, y, x] = src[n, y + top, x + left, c]  (the inverse move, cropping the padding)."""
+    nc, c_count = src.shape[0], src.shape[3]
+    _, _, h, w = dst.shape
+    for n in range(nc):
+        for c in range(c_count):
+            for y in range(h):
+                column, out = src[n, y + top, left : left + w, c], dst[n0 + n, c, y]
+                for x in range(w):
+                    out[x] = column[x]
+
+
+@njit(cache=True)
+def _swap_samples_channels(src, n0, dst, to_src):
+    """dst[c, n, p] = src[n0 + n, c, p] for a chunk of samples; the other way round when to_src.
+
+    Moves (N, C, P) images to the (C, N*P) matrix layout of the GEMMs and back:
+    contiguous runs of P values, nearly as cheap as a copy.
+    """
+    c_count, nc, _ = dst.shape
+    for c in range(c_count):
+        for n in range(nc):
+            a, b = src[n0 + n, c], dst[c, n]
+            if to_src:
+                for p in range(a.size):
+                    a[p] = b[p]
+            else:
+                for p in range(a.size):
+                    b[p] = a[p]
+
+
+@njit(cache=True)
+def _tap_runs(kw, dw, groups, c_count):
+    """How the im2col columns (j, c) of one (group g, kernel row i) split into runs that are contiguous
+    in a channels-last row of xpad: (number of runs, run length). With dw == 1 and one group the KW
+    taps are one run of KW * C values; otherwise each tap j is a run of C / G values."""
+    if dw == 1 and groups == 1:
+        return 1, kw * c_count
+    return kw, c_count // groups
+
+
+@njit(cache=True)
+def _im2col(xpad, kh, kw, sh, sw, dh, dw, groups, ho, wo, cols):
+    """cols[(n, a, b), (g, i, j, c)] = xpad[n, a*sh + i*dh, b*sw + j*dw, g*Cg + c]   (xpad channels-last, padded)."""
+    nc, hp, wp, c_count = xpad.shape
+    flat = xpad.reshape(-1)
+    runs, length = _tap_runs(kw, dw, groups, c_count)
+    cg = c_count // groups
+    for n in range(nc):
+        for a in range(ho):
+            for b in range(wo):
+                row = cols[(n * ho + a) * wo + b]
+                col = 0
+                for g in range(groups):
+                    for i in range(kh):
+                        pixel = (n * hp + a * sh + i * dh) * wp + b * sw  # tap (i, 0) in xpad
+                        for run in range(runs):
+                            start = (pixel + run * dw) * c_count + g * cg
+                            src, dst = flat[start : start + length], row[col : col + length]
+                            for t in range(length):
+                                dst[t] = src[t]
+                            col += length
+
+
+@njit(cache=True)
+def _col2im(cols, kh, kw, sh, sw, dh, dw, groups, ho, wo, dxpad):
+    """The adjoint of _im2col: dxpad[n, y, x, c] = sum of the cols entries that were read from there.
+
+    Written as a gather over the rows (n, y) of dxpad (each row collects the window
+    offsets i that land on it), so it would parallelise over rows without atomics.
+    """
+    nc, hp, wp, c_count = dxpad.shape
+    runs, length = _tap_runs(kw, dw, groups, c_count)
+    cg = c_count // groups
+    for n in range(nc):
+        for y in range(hp):
+            out = dxpad[n, y].reshape(-1)
+            out[:] = 0
+            for i in range(kh):
+                a, rem = divmod(y - i * dh, sh)
+                if rem != 0 or a < 0 or a >= ho:
+                    continue
+                for b in range(wo):
+                    row = cols[(n * ho + a) * wo + b]
+                    for g in range(groups):
+                        col = (g * kh + i) * kw * cg  # column of (g, i, j = 0, c = 0)
+                        for run in range(runs):
+                            start = (b * sw + run * dw) * c_count + g * cg
+                            src, dst = row[col : col + length], out[start : start + length]
+                            for t in range(length):
+                                dst[t] += src[t]
+                            col += length
+
+
+class _ConvPlan:
+    """Shapes, chunks of samples and work buffers shared by the three convolution kernels."""
+
+    def __init__(self, op, x_shape, w_shape, stride, padding, dilation, groups, dtype, out_hw=None):
+        reference._check_conv(op, x_shape, w_shape, groups)
+        self.n, self.c, self.h, self.w = x_shape
+        self.o, _, self.kh, self.kw = w_shape
+        (self.sh, self.sw), (self.ph, self.pw), (self.dh, self.dw) = stride, padding, dilation
+        self.groups = groups
+        self.ho = conv_output_size(self.h, self.kh, self.sh, self.ph, self.dh)
+        self.wo = conv_output_size(self.w, self.kw, self.sw, self.pw, self.dw)
+        if out_hw is not None:  # conv_transpose2d's output_padding may leave input rows that no output reads
+            self.ho, self.wo = out_hw
+        if self.ho < 1 or self.wo < 1:
+            raise ValueError(f"{op}: kernel {tuple(w_shape[2:])} (dilation {tuple(dilation)}) does not fit "
+                             f"input {tuple(x_shape)} with padding {tuple(padding)}")
+        self.hp, self.wp = self.h + 2 * self.ph, self.w + 2 * self.pw
+        self.p, self.k = self.ho * self.wo, self.c * self.kh * self.kw
+        per_sample = (self.p * (self.k + self.o) + self.hp * self.wp * self.c) * np.dtype(dtype).itemsize
+        step = max(1, min(self.n, _CACHE_BYTES // per_sample))
+        self.chunks = [(n0, min(self.n, n0 + step)) for n0 in range(0, self.n, step)]
+        self._cols = np.empty(step * self.p * self.k, dtype)
+        self._out = np.empty(step * self.p * self.o, dtype)
+        self._xpad = np.empty(step * self.hp * self.wp * self.c, dtype)
+
+    def window(self):
+        return self.kh, self.kw, self.sh, self.sw, self.dh, self.dw, self.groups, self.ho, self.wo
+
+    def cols(self, nc):
+        """The im2col matrix of nc samples: (nc * HO * WO, C * KH * KW)."""
+        return self._cols[: nc * self.p * self.k].reshape(nc * self.p, self.k)
+
+    def out(self, nc):
+        """Outputs (or output gradients) of nc samples in GEMM layout: (O, nc, HO * WO)."""
+        return self._out[: nc * self.p * self.o].reshape(self.o, nc, self.p)
+
+    def xpad(self, nc):
+        """Padded channels-last input (or input gradient) of nc samples: (nc, H + 2ph, W + 2pw, C)."""
+        return self._xpad[: nc * self.hp * self.wp * self.c].reshape(nc, self.hp, self.wp, self.c)
+
+    def im2col(self, x, n0, n1):
+        xpad = self.xpad(n1 - n0)
+        _to_channels_last(x, n0, self.ph, self.pw, xpad)
+        cols = self.cols(n1 - n0)
+        _im2col(xpad, *self.window(), cols)
+        return cols
+
+    def output_matrix(self, dy, n0, n1):
+        """dy[n0:n1] (N, O, HO, WO) as the (O, nc * HO * WO) matrix."""
+        out = self.out(n1 - n0)
+        _swap_samples_channels(dy.reshape(self.n, self.o, self.p), n0, out, False)
+        return out.reshape(self.o, -1)
+
+    def groups_slices(self):
+        """Per group: its block of im2col columns and its block of output channels."""
+        kg, og = self.k // self.groups, self.o // self.groups
+        return [(slice(g * kg, (g + 1) * kg), slice(g * og, (g + 1) * og)) for g in range(self.groups)]
+
+
+def _weight_matrix(w, dtype):
+    """w (O, C/G, KH, KW) -> (O, KH * KW * C/G): columns in the im2col order (i, j, c) of the weight's group."""
+    return np.ascontiguousarray(np.asarray(w, dtype).transpose(0, 2, 3, 1)).reshape(w.shape[0], -1)
+
+
+def conv2d(x, w, stride, padding, dilation, groups):
+    """See reference.conv2d. Per chunk of samples: im2col, Y_g = W_g cols_g^T (BLAS), into NCHW."""
+    x = np.ascontiguousarray(x)
+    plan = _ConvPlan("conv2d", x.shape, w.shape, stride, padding, dilation, groups, x.dtype)
+    wmat = _weight_matrix(w, x.dtype)
+    y = np.empty((plan.n, plan.o, plan.ho, plan.wo), x.dtype)
+    for n0, n1 in plan.chunks:
+        cols = plan.im2col(x, n0, n1)
+        out = plan.out(n1 - n0)
+        out_matrix = out.reshape(plan.o, -1)
+        for k_block, o_block in plan.groups_slices():
+            np.matmul(wmat[o_block], cols[:, k_block].T, out=out_matrix[o_block])
+        _swap_samples_channels(y.reshape(plan.n, plan.o, plan.p), n0, out, True)
+    return y
+
+
+def conv2d_grad_input(dy, w, x_shape, stride, padding, dilation, groups):
+    """See reference.conv2d_grad_input. Per chunk: dcols_g = dY_g^T W_g (BLAS), col2im, into NCHW."""
+    dy = np.ascontiguousarray(dy)
+    plan = _ConvPlan("conv2d_grad_input", x_shape, w.shape, stride, padding, dilation, groups, dy.dtype,
+                     dy.shape[2:])
+    wmat = _weight_matrix(w, dy.dtype)
+    dx = np.empty(x_shape, dy.dtype)
+    for n0, n1 in plan.chunks:
+        dy_matrix = plan.output_matrix(dy, n0, n1)
+        cols = plan.cols(n1 - n0)
+        if groups == 1:
+            np.matmul(dy_matrix.T, wmat, out=cols)
+        else:
+            for k_block, o_block in plan.groups_slices():
+                cols[:, k_block] = dy_matrix[o_block].T @ wmat[o_block]
+        dxpad = plan.xpad(n1 - n0)
+        _col2im(cols, *plan.window(), dxpad)
+        _to_channels_first(dxpad, plan.ph, plan.pw, n0, dx)
+    return dx
+
+
+def conv2d_grad_weight(dy, x, w_shape, stride, padding, dilation, groups):
+    """See reference.conv2d_grad_weight. Per chunk: dW_g += dY_g cols_g (BLAS)."""
+    x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
+    plan = _ConvPlan("conv2d_grad_weight", x.shape, w_shape, stride, padding, dilation, groups, x.dtype)
+    if dy.shape != (plan.n, plan.o, plan.ho, plan.wo):
+        raise ValueError(f"conv2d_grad_weight: dy shape {dy.shape} does not match the output shape "
+                         f"{(plan.n, plan.o, plan.ho, plan.wo)}")
+    dwmat = np.zeros((plan.o, plan.k // groups), x.dtype)
+    for n0, n1 in plan.chunks:
+        cols = plan.im2col(x, n0, n1)
+        dy_matrix = plan.output_matrix(dy, n0, n1)
+        for k_block, o_block in plan.groups_slices():
+            dwmat[o_block] += dy_matrix[o_block] @ cols[:, k_block]
+    # (O, KH, KW, C/G) -> (O, C/G, KH, KW)
+    return np.ascontiguousarray(dwmat.reshape(plan.o, plan.kh, plan.kw, -1).transpose(0, 3, 1, 2))
+
+
+def conv_transpose2d(x, w, stride, padding, output_padding, dilation, groups):
+    """See reference.conv_transpose2d: conv2d_grad_input of the conv whose output is x."""
+    y_shape = reference.conv_transpose2d_shape(x.shape, w.shape, stride, padding, output_padding, dilation, groups)
+    return conv2d_grad_input(x, w, y_shape, stride, padding, dilation, groups)
+
+
+# ---- pooling and upsampling (one parallel task per (n, c) plane) ----------------
+@njit(parallel=True, cache=True)
+def _pool_forward(x, kh, kw, sh, sw, ph, pw, is_max, y, argmax):
+    """Max (first maximum, flat index into the plane) or mean (divided by KH*KW) of every window."""
+    n, c, h, w = x.shape
+    _, _, ho, wo = y.shape
+    for task in prange(n * c):
+        plane = x[task // c, task % c]
+        for a in range(ho):
+            for b in range(wo):
+                top, left = a * sh - ph, b * sw - pw
+                best, best_index, total = -np.inf, -1, 0.0
+                for r in range(max(top, 0), min(top + kh, h)):
+                    for col in range(max(left, 0), min(left + kw, w)):
+                        value = plane[r, col]
+                        total += value
+                        if best_index < 0 or value > best:
+                            best, best_index = value, r * w + col
+                if is_max:
+                    y[task // c, task % c, a, b] = best
+                    argmax[task // c, task % c, a, b] = best_index
+                else:
+                    y[task // c, task % c, a, b] = total / (kh * kw)
+
+
+@njit(parallel=True, cache=True)
+def _pool_backward(dy, argmax, kh, kw, sh, sw, ph, pw, is_max, dx):
+    """Max: dx[argmax] += dy. Mean: every window element += dy / (KH*KW). Each task owns one plane of dx."""
+    n, c, h, w = dx.shape
+    _, _, ho, wo = dy.shape
+    for task in prange(n * c):
+        plane = dx[task // c, task % c]
+        plane[:] = 0
+        grad = dy[task // c, task % c]
+        for a in range(ho):
+            for b in range(wo):
+                if is_max:
+                    index = argmax[task // c, task % c, a, b]
+                    plane[index // w, index % w] += grad[a, b]
+                    continue
+                share = grad[a, b] / (kh * kw)
+                top, left = a * sh - ph, b * sw - pw
+                for r in range(max(top, 0), min(top + kh, h)):
+                    for col in range(max(left, 0), min(left + kw, w)):
+                        plane[r, col] += share
+
+
+def _pool_output(x_shape, kernel, stride, padding):
+    n, c, h, w = x_shape
+    return (n, c, conv_output_size(h, kernel[0], stride[0], padding[0], 1),
+            conv_output_size(w, kernel[1], stride[1], padding[1], 1))
+
+
+_NO_ARGMAX = np.zeros((1, 1, 1, 1), np.int64)
+
+
+def max_pool2d(x, kernel, stride, padding):
+    """See reference.max_pool2d (argmax: flat index into the H*W plane)."""
+    x = np.ascontiguousarray(x)
+    shape = _pool_output(x.shape, kernel, stride, padding)
+    y, argmax = np.empty(shape, x.dtype), np.empty(shape, np.int64)
+    _pool_forward(x, *kernel, *stride, *padding, True, y, argmax)
+    return y, argmax
+
+
+def max_pool2d_backward(dy, argmax, x_shape, kernel, stride, padding):
+    dx = np.empty(x_shape, dy.dtype)
+    _pool_backward(np.ascontiguousarray(dy), np.ascontiguousarray(argmax), *kernel, *stride, *padding, True, dx)
+    return dx
+
+
+def avg_pool2d(x, kernel, stride, padding):
+    """See reference.avg_pool2d (count_include_pad=True)."""
+    x = np.ascontiguousarray(x)
+    y = np.empty(_pool_output(x.shape, kernel, stride, padding), x.dtype)
+    _pool_forward(x, *kernel, *stride, *padding, False, y, _NO_ARGMAX)
+    return y
+
+
+def avg_pool2d_backward(dy, x_shape, kernel, stride, padding):
+    dx = np.empty(x_shape, dy.dtype)
+    _pool_backward(np.ascontiguousarray(dy), _NO_ARGMAX, *kernel, *stride, *padding, False, dx)
+    return dx
+
+
+def upsample_nearest2d(x, scale):
+    """See reference.upsample_nearest2d: NumPy is the fast path (one broadcast copy)."""
+    n, c, h, w = x.shape
+    sh, sw = scale
+    return np.broadcast_to(x[:, :, :, None, :, None], (n, c, h, sh, w, sw)).reshape(n, c, h * sh, w * sw)
+
+
+def upsample_nearest2d_backward(dy, scale):
+    return reference.upsample_nearest2d_backward(dy, scale)
+
+
+# ---- exp in SIMD-friendly arithmetic ---------------------------------------------
+# math.exp compiles to a call per element; LLVM cannot vectorise it (NumPy's own
+# exp is SIMD). Softmax and attention spend most of their time in exp, so here
+# is one LLVM can vectorise: e^x = 2^k e^r with k = round(x / ln 2), |r| <= ln(2)/2,
+# e^r by its Taylor polynomial to r^13 (a few units in the last place), and 2^k written
+# straight into the exponent bits of a float through an integer scratch array.
+_LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 0.693145751953125, 1.42860682030941723212e-6
+_TAYLOR = tuple(1.0 / math.factorial(n) for n in range(14))
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _exp_inplace(x, n, bits):
+    """x[:n] <- exp(x[:n]) for x <= 88 (float32) / 709 (float64); -inf -> 0; nan stays nan.
+
+    bits: an integer scratch array of x's itemsize (int32 for float32, int64 for float64), length >= n.
+    """
+    t, it = x.dtype.type, bits.dtype.type
+    mantissa = it(23) if bits.itemsize == 4 else it(52)
+    bias = it(127) if bits.itemsize == 4 else it(1023)
+    lowest = t(-87.0) if bits.itemsize == 4 else t(-708.0)  # below this e^x is subnormal: return 0
+    for j in range(n):
+        v = x[j]
+        k = np.floor(max(v, lowest) * t(_LOG2E) + t(0.5))  # np.floor keeps x's float type
+        r = (max(v, lowest) - k * t(_LN2_HI)) - k * t(_LN2_LO)
+        p = t(_TAYLOR[13])
+        for c in _TAYLOR[12::-1]:
+            p = p * r + t(c)
+        x[j] = p if v >= lowest else (t(0.0) if v < lowest else v)
+        bits[j] = (it(k) + bias) << mantissa
+    scale = bits.view(x.dtype)
+    for j in range(n):
+        x[j] *= scale[j]
+
+
+_INT_OF = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
+
+
+def _exp_scratch(blocks, length, dtype):
+    """One integer scratch row per parallel block, for _exp_inplace."""
+    return np.empty((blocks, max(1, length)), _INT_OF[np.dtype(dtype)])
+
+
+@njit(cache=True)
+def _block_rows(block, blocks, rows):
+    """The rows [first, last) of parallel block `block` out of `blocks`."""
+    return block * rows // blocks, (block + 1) * rows // blocks
+
+
+_BLOCKS = 64  # parallel blocks per kernel: enough to balance 2-16 threads, few enough to amortise scratch
+
+
+# ---- normalisation: rows normalised over their length, then an affine map ---------
+# Group norm of x (N, C, *spatial) works on rows (n, g) of C/G channels x S positions;
+# layer norm of x (M, D) on rows of length D. Row r uses scale/shift row r % G of
+# (G, length) arrays: the per-channel weight and bias repeated over positions,
+# so the inner loops run over contiguous memory.
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def _norm_forward(x, scale, shift, eps, y, mean, rstd):
+    rows, length = x.shape
+    for r in prange(rows):
+        row, out = x[r], y[r]
+        w, b = scale[r % scale.shape[0]], shift[r % shift.shape[0]]
+        mu = 0.0
+        for l in range(length):
+            mu += row[l]
+        mu /= length
+        var = 0.0
+        for l in range(length):
+            var += (row[l] - mu) * (row[l] - mu)
+        inv = 1.0 / math.sqrt(var / length + eps)
+        mean[r], rstd[r] = mu, inv
+        m, s = row.dtype.type(mu), row.dtype.type(inv)
+        for l in range(length):
+            out[l] = (row[l] - m) * s * w[l] + b[l]
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def _norm_backward(dy, x, mean, rstd, scale, blocks, dx, dscale, dshift):
+    """dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = dy * scale;
+    dscale[block] / dshift[block] (blocks, G, length): sums of dy * xhat and dy over the block's rows."""
+    rows, length = x.shape
+    groups = scale.shape[0]
+    for block in prange(blocks):
+        first, last = _block_rows(block, blocks, rows)
+        for r in range(first, last):
+            g = r % groups
+            w, dw, db = scale[g], dscale[block, g], dshift[block, g]
+            m, s = x.dtype.type(mean[r]), x.dtype.type(rstd[r])
+            sum_d, sum_dx = 0.0, 0.0
+            for l in range(length):
+                xhat = (x[r, l] - m) * s
+                d = dy[r, l]
+                sum_d += d * w[l]
+                sum_dx += d * w[l] * xhat
+                dw[l] += d * xhat
+                db[l] += d
+            a, c = x.dtype.type(sum_d / length), x.dtype.type(sum_dx / length)
+            for l in range(length):
+                xhat = (x[r, l] - m) * s
+                dx[r, l] = s * (dy[r, l] * w[l] - a - xhat * c)
+
+
+def _affine_rows(param, groups, channels, spatial, fill, dtype):
+    """(C,) per-channel parameter (or None -> fill) as (G, C/G * S): each value repeated over the S positions."""
+    values = np.full(channels, fill, dtype) if param is None else np.asarray(param, dtype)
+    return np.ascontiguousarray(np.repeat(values, spatial).reshape(groups, -1))
+
+
+def _normalize(x2, groups, spatial, weight, bias, eps):
+    channels = groups * (x2.shape[1] // spatial)
+    y, mean, rstd = np.empty_like(x2), np.empty(x2.shape[0], x2.dtype), np.empty(x2.shape[0], x2.dtype)
+    _norm_forward(x2, _affine_rows(weight, groups, channels, spatial, 1, x2.dtype),
+                  _affine_rows(bias, groups, channels, spatial, 0, x2.dtype), eps, y, mean, rstd)
+    return y, mean, rstd
+
+
+def _normalize_backward(dy2, x2, mean, rstd, weight, groups, spatial):
+    channels = groups * (x2.shape[1] // spatial)
+    blocks = min(x2.shape[0], get_num_threads())  # one partial sum of (G, length) per thread
+    dx = np.empty_like(x2)
+    dscale, dshift = np.zeros((2, blocks) + (groups, x2.shape[1]), x2.dtype)
+    _norm_backward(np.ascontiguousarray(dy2, x2.dtype), x2, mean.reshape(-1), rstd.reshape(-1),
+                   _affine_rows(weight, groups, channels, spatial, 1, x2.dtype), blocks, dx, dscale, dshift)
+    if weight is None:
+        return dx, None, None
+    # sum over blocks and positions: (blocks, G, C/G * S) -> (C,)
+    per_channel = lambda a: a.sum(axis=0).reshape(channels, spatial).sum(axis=1)  # noqa: E731
+    return dx, per_channel(dscale), per_channel(dshift)
+
+
+def group_norm(x, num_groups, weight, bias, eps):
+    """See reference.group_norm."""
+    n, c = x.shape[:2]
+    if c % num_groups:
+        raise ValueError(f"group_norm: {c} channels (input shape {x.shape}) are not divisible by {num_groups} groups")
+    x2 = np.ascontiguousarray(x).reshape(n * num_groups, -1)
+    y, mean, rstd = _normalize(x2, num_groups, x2.shape[1] * num_groups // c, weight, bias, eps)
+    return y.reshape(x.shape), mean.reshape(n, num_groups), rstd.reshape(n, num_groups)
+
+
+def group_norm_backward(dy, x, mean, rstd, weight, num_groups):
+    n, c = x.shape[:2]
+    x2 = np.ascontiguousarray(x).reshape(n * num_groups, -1)
+    dx, dweight, dbias = _normalize_backward(dy.reshape(x2.shape), x2, mean, rstd, weight, num_groups,
+                                             x2.shape[1] * num_groups // c)
+    return dx.reshape(x.shape), dweight, dbias
+
+
+def layer_norm(x, weight, bias, eps):
+    """See reference.layer_norm."""
+    return _normalize(np.ascontiguousarray(x), 1, 1, weight, bias, eps)
+
+
+def layer_norm_backward(dy, x, mean, rstd, weight):
+    return _normalize_backward(dy, np.ascontiguousarray(x), mean, rstd, weight, 1, 1)
+
+
+# ---- softmax over rows -------------------------------------------------------------
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def _softmax_rows(x, log, y, bits):
+    """softmax (or log_softmax when `log`) of every row of x (R, L): y = exp(x - max) / sum."""
+    rows, length = x.shape
+    blocks = bits.shape[0]
+    for block in prange(blocks):
+        first, last = _block_rows(block, blocks, rows)
+        for r in range(first, last):
+            row, out = x[r], y[r]
+            m = row[0]
+            for l in range(1, length):
+                m = max(m, row[l])
+            for l in range(length):
+                out[l] = row[l] - m
+            _exp_inplace(out, length, bits[block])
+            total = 0.0
+            for l in range(length):
+                total += out[l]
+            if log:  # (x - m) - log(total): exact where x == m, unlike x - (m + log(total))
+                log_total = row.dtype.type(math.log(total))
+                for l in range(length):
+                    out[l] = (row[l] - m) - log_total
+            else:
+                inv = row.dtype.type(1.0 / total)
+                for l in range(length):
+                    out[l] *= inv
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def _softmax_rows_backward(dy, y, log, dx, bits):
+    """softmax: dx = y (dy - sum(dy y));  log_softmax: dx = dy - exp(y) sum(dy)."""
+    rows, length = y.shape
+    blocks = bits.shape[0]
+    for block in prange(blocks):
+        first, last = _block_rows(block, blocks, rows)
+        for r in range(first, last):
+            total = 0.0
+            for l in range(length):
+                total += dy[r, l] if log else dy[r, l] * y[r, l]
+            t = y.dtype.type(total)
+            if log:
+                dx[r] = y[r]
+                _exp_inplace(dx[r], length, bits[block])
+                for l in range(length):
+                    dx[r, l] = dy[r, l] - dx[r, l] * t
+            else:
+                for l in range(length):
+                    dx[r, l] = y[r, l] * (dy[r, l] - t)
+
+
+def _as_rows(x, axis):
+    """Move `axis` last and flatten the rest: a contiguous (R, L) array."""
+    return np.ascontiguousarray(np.moveaxis(x, axis, -1)).reshape(-1, x.shape[axis])
+
+
+def _from_rows(rows, like, axis):
+    moved = np.moveaxis(like, axis, -1).shape
+    return np.moveaxis(rows.reshape(moved), -1, axis)
+
+
+def _softmax(x, axis, log):
+    rows = _as_rows(x, axis)
+    out = np.empty_like(rows)
+    _softmax_rows(rows, log, out, _exp_scratch(min(rows.shape[0], _BLOCKS), rows.shape[1], rows.dtype))
+    return _from_rows(out, x, axis)
+
+
+def _softmax_backward(dy, y, axis, log):
+    rows = _as_rows(y, axis)
+    dx = np.empty_like(rows)
+    _softmax_rows_backward(_as_rows(dy.astype(y.dtype, copy=False), axis), rows, log, dx,
+                           _exp_scratch(min(rows.shape[0], _BLOCKS), rows.shape[1], rows.dtype))
+    return _from_rows(dx, y, axis)
+
+
+def softmax(x, axis):
+    """See reference.softmax."""
+    return _softmax(x, axis, False)
+
+
+def softmax_backward(dy, y, axis):
+    return _softmax_backward(dy, y, axis, False)
+
+
+def log_softmax(x, axis):
+    """See reference.log_softmax."""
+    return _softmax(x, axis, True)
+
+
+def log_softmax_backward(dy, y, axis):
+    return _softmax_backward(dy, y, axis, True)
+
+
+# ---- attention: BLAS for the products, Numba for the fused softmax ----------------
+# A chunk of batch items at a time: S = Q K^T by one batched GEMM into a buffer
+# that stays in cache, a Numba pass turns the scores into probabilities in
+# place (scale, mask, causal, softmax, log-sum-exp), and another GEMM gives
+# P V. The (B, Sq, Sk) probabilities never exist in full; backward recomputes
+# each chunk's P from the saved lse. Like the convolution, the Numba passes
+# are serial: they alternate with BLAS calls, which use the cores for large S.
+_ATTENTION_CHUNK_BYTES = 1 << 20
+
+
+@njit(cache=True)
+def _visible_keys(i, sk, is_causal):
+    """Number of keys query i sees: all, or j <= i when causal (top-left aligned)."""
+    return min(sk, i + 1) if is_causal else sk
+
+
+@njit(cache=True, fastmath=_FAST)
+def _scores_to_probabilities(s, b0, mask, has_mask, scale, is_causal, lse, bits):
+    """In place: s[b, i, j] <- p = softmax_j(scale * s + mask) (0 for hidden keys); lse[b0 + b, i] = log sum exp."""
+    chunk, sq, sk = s.shape
+    for b in range(chunk):
+        for i in range(sq):
+            row = s[b, i]
+            visible = _visible_keys(i, sk, is_causal)
+            row[visible:] = 0
+            for j in range(visible):
+                row[j] *= scale
+            if has_mask:
+                mask_row = mask[(b0 + b) % mask.shape[0], i]
+                for j in range(visible):
+                    row[j] += mask_row[j]
+            m = row[0]
+            for j in range(1, visible):
+                m = max(m, row[j])
+            if m == -np.inf:  # the query sees no key: p = 0, output 0
+                row[:visible] = 0
+                lse[b0 + b, i] = -np.inf
+                continue
+            for j in range(visible):
+                row[j] -= m
+            _exp_inplace(row, visible, bits)
+            total = 0.0
+            for j in range(visible):
+                total += row[j]
+            inv = row.dtype.type(1.0 / total)
+            for j in range(visible):
+                row[j] *= inv
+            lse[b0 + b, i] = m + math.log(total)
+
+
+@njit(cache=True, fastmath=_FAST)
+def _probabilities_backward(s, dp, b0, dout, out, mask, has_mask, scale, lse, is_causal, bits):
+    """In place: s <- p = exp(scale * s + mask - lse) and dp <- ds = scale * p * (dp - dout . out) (rows of a chunk)."""
+    chunk, sq, sk = s.shape
+    for b in range(chunk):
+        for i in range(sq):
+            row, grad = s[b, i], dp[b, i]
+            shift = lse[b0 + b, i]
+            visible = 0 if shift == -np.inf else _visible_keys(i, sk, is_causal)
+            row_dot = 0.0
+            for e in range(dout.shape[2]):
+                row_dot += dout[b0 + b, i, e] * out[b0 + b, i, e]
+            for j in range(visible):
+                row[j] = row[j] * scale - shift
+            if has_mask:
+                mask_row = mask[(b0 + b) % mask.shape[0], i]
+                for j in range(visible):
+                    row[j] += mask_row[j]
+            _exp_inplace(row, visible, bits)
+            d = grad.dtype.type(row_dot)
+            for j in range(visible):
+                grad[j] = scale * row[j] * (grad[j] - d)
+            row[visible:] = 0
+            grad[visible:] = 0
+
+
+def _attention_mask(mask, dtype):
+    """The (1 or B, Sq, Sk) mask, or a dummy, and whether there is one (one compiled kernel for both)."""
+    if mask is None:
+        return np.zeros((1, 1, 1), dtype), False
+    return np.ascontiguousarray(mask, dtype), True
+
+
+def _batch_chunks(q, k):
+    batch, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    step = max(1, _ATTENTION_CHUNK_BYTES // max(1, sq * sk * q.itemsize))
+    return [(b0, min(batch, b0 + step)) for b0 in range(0, batch, step)], step
+
+
+def attention(q, k, v, mask, scale, is_causal):
+    """See reference.attention. Fused per chunk of batch items: S = Q K^T, softmax in place, out = P V."""
+    q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
+    out = np.empty(q.shape[:2] + v.shape[2:], q.dtype)
+    lse = np.empty(q.shape[:2], q.dtype)
+    mask, has_mask = _attention_mask(mask, q.dtype)
+    chunks, step = _batch_chunks(q, k)
+    buffer = np.empty(step * q.shape[1] * k.shape[1], q.dtype)
+    bits = _exp_scratch(1, k.shape[1], q.dtype)[0]
+    for b0, b1 in chunks:
+        s = buffer[: (b1 - b0) * q.shape[1] * k.shape[1]].reshape(b1 - b0, q.shape[1], k.shape[1])
+        np.matmul(q[b0:b1], k[b0:b1].transpose(0, 2, 1), out=s)
+        _scores_to_probabilities(s, b0, mask, has_mask, q.dtype.type(scale), bool(is_causal), lse, bits)
+        np.matmul(s, v[b0:b1], out=out[b0:b1])
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
+    """See reference.attention_backward: each chunk's probabilities are rebuilt from lse."""
+    dout, q, k, v, out, lse = (np.ascontiguousarray(a, q.dtype) for a in (dout, q, k, v, out, lse))
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    mask, has_mask = _attention_mask(mask, q.dtype)
+    chunks, step = _batch_chunks(q, k)
+    size = step * q.shape[1] * k.shape[1]
+    buffers = np.empty(2 * size, q.dtype)
+    bits = _exp_scratch(1, k.shape[1], q.dtype)[0]
+    for b0, b1 in chunks:
+        shape = (b1 - b0, q.shape[1], k.shape[1])
+        n = (b1 - b0) * q.shape[1] * k.shape[1]
+        s, dp = buffers[:n].reshape(shape), buffers[size : size + n].reshape(shape)
+        np.matmul(q[b0:b1], k[b0:b1].transpose(0, 2, 1), out=s)
+        np.matmul(dout[b0:b1], v[b0:b1].transpose(0, 2, 1), out=dp)
+        _probabilities_backward(s, dp, b0, dout, out, mask, has_mask, q.dtype.type(scale), lse, bool(is_causal), bits)
+        np.matmul(s.transpose(0, 2, 1), dout[b0:b1], out=dv[b0:b1])
+        np.matmul(dp, k[b0:b1], out=dq[b0:b1])
+        np.matmul(dp.transpose(0, 2, 1), q[b0:b1], out=dk[b0:b1])
+    return dq, dk, dv
+
+
+# ---- activations: NumPy ufuncs compiled by Numba (one fused loop each) -------------
+_UNARY = ["float32(float32)", "float64(float64)"]
+_BINARY = ["float32(float32, float32)", "float64(float64, float64)"]
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@vectorize(_UNARY, cache=True)
+def silu(x):
+    """See reference.silu: x * sigmoid(x)."""
+    return x / (1.0 + math.exp(-x))
+
+
+@vectorize(_BINARY, cache=True)
+def silu_backward(dy, x):
+    s = 1.0 / (1.0 + math.exp(-x))
+    return dy * s * (1.0 + x * (1.0 - s))
+
+
+@vectorize(_UNARY, cache=True)
+def _gelu_erf(x):
+    return 0.5 * x * (1.0 + math.erf(x * _INV_SQRT_2))
+
+
+@vectorize(_UNARY, cache=True)
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + math.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+
+
+@vectorize(_BINARY, cache=True)
+def _gelu_erf_backward(dy, x):
+    return dy * (0.5 * (1.0 + math.erf(x * _INV_SQRT_2)) + x * math.exp(-0.5 * x * x) * _INV_SQRT_2PI)
+
+
+@vectorize(_BINARY, cache=True)
+def _gelu_tanh_backward(dy, x):
+    t = math.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x))
+
+
+def gelu(x, approximate):
+    """See reference.gelu."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _gelu_tanh(x) if approximate == "tanh" else _gelu_erf(x)
+
+
+def gelu_backward(dy, x, approximate):
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu_backward: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _gelu_tanh_backward(dy, x) if approximate == "tanh" else _gelu_erf_backward(dy, x)
+
+
+# ---- optimiser ---------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _adamw(param, grad, m, v, vmax, amsgrad, lr, beta1, beta2, eps, weight_decay, bias1, bias2_sqrt):
+    decay, step_size = 1.0 - lr * weight_decay, lr / bias1
+    for i in prange(param.size):
+        g = grad[i]
+        m[i] = beta1 * m[i] + (1.0 - beta1) * g
+        v[i] = beta2 * v[i] + (1.0 - beta2) * g * g
+        second = v[i]
+        if amsgrad:
+            vmax[i] = max(vmax[i], v[i])
+            second = vmax[i]
+        param[i] = param[i] * decay - step_size * m[i] / (math.sqrt(second) / bias2_sqrt + eps)
+
+
+def adamw_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    """See reference.adamw_step: one fused pass over the flat arrays, in place."""
+    state = [param, exp_avg, exp_avg_sq] + ([] if max_exp_avg_sq is None else [max_exp_avg_sq])
+    if not all(a.flags.c_contiguous and a.dtype == param.dtype for a in state):
+        return reference.adamw_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps,
+                                    weight_decay)
+    flat = [a.reshape(-1) for a in state]
+    vmax = flat[3] if max_exp_avg_sq is not None else flat[2]
+    _adamw(flat[0], np.ascontiguousarray(grad, param.dtype).reshape(-1), flat[1], flat[2], vmax,
+           max_exp_avg_sq is not None, lr, beta1, beta2, eps, weight_decay, 1.0 - beta1**step,
+           math.sqrt(1.0 - beta2**step))

@@ -1,0 +1,148 @@
+"""Text -> image: the Stable Diffusion sampling loop, with classifier-free guidance.
+
+    pipe = TextToImage(vae, tokenizer, text_encoder, unet, scheduler)
+    images = pipe(["a handwritten 7", "the digit three"], num_inference_steps=25, guidance_scale=3.0, seed=0)
+    # images: NumPy (2, 1, 32, 32) in [0, 1]
+
+The loop:
+  1. encode the prompts with the text encoder (per-token features, (N, S, width)),
+     and the unconditional prompt "" (or the negative prompt);
+  2. start from pure noise latents x_T ~ N(0, init_noise_sigma^2 I);
+  3. for each timestep t the scheduler picked: predict the noise for the conditional
+     and the unconditional prompt in ONE batched UNet call, and combine them with
+     classifier-free guidance (Ho & Salimans 2022),
+
+         eps = eps_uncond + s * (eps_cond - eps_uncond)
+
+     (s = 1: just the conditional prediction; s > 1 pushes further away from "any
+     digit" toward "this prompt"), then let the scheduler take one step x_t -> x_t';
+  4. decode the final latents with the VAE and map [-1, 1] to [0, 1].
+
+`img2img` starts instead from an existing image noised part of the way (`strength`).
+Everything runs under no_grad, on the device of the UNet's parameters.
+"""
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import backend, ops
+from .tensor import Tensor, no_grad
+
+
+class TextToImage:
+    """vae (AutoencoderKL), tokenizer (tinysd.tokenizer.Tokenizer), text_encoder
+    (CLIPTextModel), unet (UNet2DConditionModel), scheduler (DDPM, DDIM or Euler)."""
+
+    def __init__(self, vae, tokenizer, text_encoder, unet, scheduler):
+        self.vae, self.tokenizer, self.text_encoder = vae, tokenizer, text_encoder
+        self.unet, self.scheduler = unet, scheduler
+
+    @property
+    def device(self):
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self):
+        return self.unet.conv_in.weight.dtype
+
+    # ---- the pieces ----------------------------------------------------------------------
+    def encode_prompt(self, prompts):
+        """list of N strings -> text features (N, S, width), a Tensor on the UNet's device."""
+        hidden, _ = self.text_encoder(self.tokenizer(list(prompts)))
+        return hidden.to(self.device).to(self.dtype)
+
+    def guided_noise(self, latents, timestep, text_embeds, uncond_embeds=None, guidance_scale=1.0):
+        """The noise prediction for `latents` (an array) at `timestep`, as an array.
+
+        With uncond_embeds, one UNet call on the batch [latents; latents] with
+        [uncond; text] features, combined as eps_u + guidance_scale * (eps_c - eps_u).
+        """
+        xp = backend.array_module(latents)
+        model_input = latents if uncond_embeds is None else xp.concatenate([latents, latents])
+        model_input = self.scheduler.scale_model_input(model_input, timestep)
+        context = text_embeds if uncond_embeds is None else ops.cat([uncond_embeds, text_embeds])
+        eps = self.unet(Tensor(model_input), timestep, encoder_hidden_states=context).data
+        if uncond_embeds is None:
+            return eps
+        eps_uncond, eps_cond = eps[: len(latents)], eps[len(latents):]
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    def decode_latents(self, latents):
+        """Latents (array, scaled as the UNet sees them) -> images, NumPy (N, C, H, W) in [0, 1]."""
+        with no_grad():
+            x = self.vae.decode(Tensor(latents / self.vae.scaling_factor))
+        return np.clip((x.numpy() + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
+
+    def _conditions(self, prompts, negative_prompt, guidance_scale):
+        """Text features for the prompts, and for the unconditional/negative prompt when guiding."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("TextToImage: no prompts given")
+        text_embeds = self.encode_prompt(prompts)
+        if guidance_scale == 1.0:
+            return prompts, text_embeds, None
+        negative = negative_prompt if negative_prompt is not None else ""
+        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(negative) != len(prompts):
+            raise ValueError(f"TextToImage: {len(negative)} negative prompts for {len(prompts)} prompts")
+        return prompts, text_embeds, self.encode_prompt(negative)
+
+    def _denoise(self, latents, timesteps, text_embeds, uncond_embeds, guidance_scale, rng, callback, progress):
+        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", leave=False)):
+            eps = self.guided_noise(latents, t, text_embeds, uncond_embeds, guidance_scale)
+            latents = self.scheduler.step(eps, t, latents, generator=rng).prev_sample
+            if callback is not None:
+                callback(i, t, latents, self.decode_latents)
+        return self.decode_latents(latents)
+
+    def _to_device(self, array):
+        return backend.to_device(np.asarray(array, dtype=self.dtype), self.device)
+
+    # ---- entry points --------------------------------------------------------------------
+    def __call__(self, prompts, num_inference_steps=25, guidance_scale=3.0, negative_prompt=None, seed=None,
+                 callback=None, progress=True, height=32, width=32):
+        """Generate one image per prompt: NumPy (N, C, height, width) in [0, 1].
+
+        callback(step, timestep, latents, decode_fn) is called after every step;
+        decode_fn(latents) turns the intermediate latents into images (to animate denoising).
+        seed: an int for reproducible noise (None: fresh noise).
+        """
+        f = self.vae.downscale_factor
+        if height % f or width % f:
+            raise ValueError(f"TextToImage: height {height} and width {width} must be multiples of {f}")
+        with no_grad():
+            prompts, text_embeds, uncond_embeds = self._conditions(prompts, negative_prompt, guidance_scale)
+            rng = np.random.default_rng(seed)
+            shape = (len(prompts), self.unet.in_channels, height // f, width // f)
+            self.scheduler.set_timesteps(num_inference_steps)
+            latents = self._to_device(rng.standard_normal(shape) * self.scheduler.init_noise_sigma)
+            return self._denoise(latents, self.scheduler.timesteps, text_embeds, uncond_embeds, guidance_scale,
+                                 rng, callback, progress)
+
+    def img2img(self, images, prompts, strength=0.6, num_inference_steps=25, guidance_scale=3.0,
+                negative_prompt=None, seed=None, callback=None, progress=True):
+        """Redraw `images` (N, C, H, W) in [0, 1] toward `prompts`: NumPy (N, C, H, W) in [0, 1].
+
+        The images are encoded, noised to the timestep a fraction `strength` of the way
+        along the schedule (0: unchanged, 1: pure noise, like text-to-image), and denoised
+        from there: only the last strength * num_inference_steps steps run.
+        """
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"TextToImage.img2img: strength must be in [0, 1], got {strength}")
+        images = images.numpy() if isinstance(images, Tensor) else np.asarray(images)
+        with no_grad():
+            prompts, text_embeds, uncond_embeds = self._conditions(prompts, negative_prompt, guidance_scale)
+            if len(images) != len(prompts):
+                raise ValueError(f"TextToImage.img2img: {len(images)} images for {len(prompts)} prompts")
+            rng = np.random.default_rng(seed)
+            x = Tensor(self._to_device(images * 2.0 - 1.0))
+            latents = self.vae.encode(x).mode().data * self.vae.scaling_factor
+            self.scheduler.set_timesteps(num_inference_steps)
+            steps = min(int(round(num_inference_steps * strength)), num_inference_steps)
+            timesteps = self.scheduler.timesteps[num_inference_steps - steps:]
+            if steps == 0:
+                return self.decode_latents(latents)
+            noise = self._to_device(rng.standard_normal(latents.shape))
+            latents = self.scheduler.add_noise(latents, noise, np.full(len(latents), timesteps[0]))
+            return self._denoise(latents, timesteps, text_embeds, uncond_embeds, guidance_scale,
+                                 rng, callback, progress)
