@@ -1,0 +1,76 @@
+"""The main job's smoke run: `examples/mnist_digits.py --quick` writes every output, well-formed."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("mnist_digits", ROOT / "examples" / "mnist_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from tinysd import data
+
+    try:
+        data.load_mnist("test")
+    except RuntimeError as e:  # no cache and no network
+        pytest.skip(f"MNIST is not available: {e}")
+    out = tmp_path_factory.mktemp("mnist_digits")
+    example = load_example()
+    example.main(["--quick", "--out", str(out), "--samples-per-digit", "2", "--steps", "4",
+                  "--prompt", "the number 3"])
+    return example, out
+
+
+def test_quick_run_writes_every_output(quick_run):
+    _, out = quick_run
+    for name in ("classifier", "vae", "clip", "unet"):
+        assert (out / f"{name}.safetensors").stat().st_size > 0
+        assert not (out / f"{name}.resume.safetensors").exists()
+    samples = np.load(out / "samples.npz")
+    n = 10 * 2 + 2  # two per digit, plus two for the extra prompt
+    assert samples["images"].shape == (n, 28, 28) and samples["images"].dtype == np.float32
+    assert 0.0 <= samples["images"].min() and samples["images"].max() <= 1.0
+    assert samples["labels"].dtype == np.int64 and list(samples["labels"][-2:]) == [3, 3]
+    assert list(samples["prompts"][:2]) == ["a handwritten digit zero"] * 2
+    with Image.open(out / "samples.png") as grid:
+        assert grid.size[1] == 11 * 56  # one row per prompt
+    with Image.open(out / "denoise.gif") as gif:
+        assert gif.n_frames >= 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    for stage in ("classifier", "vae", "clip", "unet"):
+        assert {"wall_s", "images_per_s", "final_loss"} <= set(metrics[stage])
+    assert 0.0 <= metrics["classifier"]["test_accuracy"] <= 1.0
+    assert np.isfinite(metrics["vae"]["test_psnr_db"])
+    assert 0.0 <= metrics["clip"]["zero_shot_test_accuracy"] <= 1.0
+    assert 0.0 <= metrics["samples"]["accuracy"] <= 1.0
+    assert set(metrics["samples"]["accuracy_per_digit"]) == {str(d) for d in range(10)}
+    assert np.isfinite(metrics["samples"]["frechet_distance_classifier_features"])
+
+
+def test_second_run_skips_finished_stages(quick_run, capsys):
+    example, out = quick_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    example.main(["--quick", "--out", str(out), "--samples-per-digit", "1", "--steps", "2"])
+    printed = capsys.readouterr().out
+    for name in ("classifier", "vae", "clip", "unet"):
+        assert f"[{name}] loaded" in printed
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+
+
+def test_digit_in_text():
+    example = load_example()
+    assert example.digit_in_text("the number 7.") == 7
+    assert example.digit_in_text("A handwritten digit Seven") == 7
+    assert example.digit_in_text("a cat") == -1
