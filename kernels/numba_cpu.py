@@ -571,10 +571,12 @@ def _softmax_rows(x, log, y, bits):
             total = 0.0
             for l in range(length):
                 total += out[l]
-            if log:  # (x - m) - log(total): exact where x == m, unlike x - (m + log(total))
+            if log:  # (x - m) - log(total) as two passes: exact where x == m (fastmath may not merge them)
+                for l in range(length):
+                    out[l] = row[l] - m
                 log_total = row.dtype.type(math.log(total))
                 for l in range(length):
-                    out[l] = (row[l] - m) - log_total
+                    out[l] -= log_total
             else:
                 inv = row.dtype.type(1.0 / total)
                 for l in range(length):
