@@ -49,10 +49,10 @@ STAGES = ("classifier", "vae", "clip", "unet")
 
 # Training budgets, chosen by measurement on a 2-core CPU (see the README for why).
 FULL = dict(
-    classifier=dict(steps=700, batch=128, lr=3e-3),
-    vae=dict(steps=1500, batch=128, lr=2e-3, kl_weight=1e-4),
-    clip=dict(steps=600, batch=256, lr=2e-3),
-    unet=dict(steps=3000, batch=128, lr=2e-3),
+    classifier=dict(steps=1000, batch=128, lr=3e-3),
+    vae=dict(steps=900, batch=32, lr=2e-3, kl_weight=1e-4),
+    clip=dict(steps=300, batch=256, lr=2e-3),
+    unet=dict(steps=900, batch=128, lr=2e-3),
     train_subset=None,
 )
 QUICK = dict(

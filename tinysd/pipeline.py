@@ -20,6 +20,10 @@ The loop:
 
 `img2img` starts instead from an existing image noised part of the way (`strength`).
 Everything runs under no_grad, on the device of the UNet's parameters.
+
+Build the scheduler with `clip_sample=False` (diffusers' DDPM/DDIM default, True,
+clamps every x_0 estimate to [-1, 1], which suits pixels but distorts unit-variance
+latents) and with the same beta schedule the UNet was trained with.
 """
 
 import numpy as np

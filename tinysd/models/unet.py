@@ -23,8 +23,7 @@ import math
 
 import numpy as np
 
-from .. import backend, nn, ops
-from ..nn import functional as F
+from .. import backend, nn
 from ..tensor import Tensor
 from .blocks import DownBlock2D, MidBlock2D, Transformer2DModel, UpBlock2D
 
