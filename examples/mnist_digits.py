@@ -184,8 +184,7 @@ def stage_vae(run):
                                     run.test_images)
         s["test_psnr_db"] = psnr(crop01(recon), crop01(run.test_images))
         # Scale latents to unit variance for the diffusion model, as Stable Diffusion does.
-        latents = encode_latents(run, model, run.train_images[:5000], scale=1.0)
-        s["scaling_factor"] = float(1.0 / latents.std())
+        s["scaling_factor"] = model.estimate_scaling_factor(run.train_images[:5000])
         return s
 
     summary = run.stage("vae", model, fit)
@@ -198,8 +197,9 @@ def crop01(images):
     return np.clip((np.asarray(images)[:, 0, 2:30, 2:30] + 1) / 2, 0, 1)
 
 
-def encode_latents(run, vae, images, scale):
-    return evaluate_in_batches(lambda x: vae.encode(run.tensor(x)).mode().numpy(), images) * scale
+def encode_latents(run, vae, images):
+    """Latent means, scaled to unit variance as the UNet sees them."""
+    return evaluate_in_batches(lambda x: vae.encode(run.tensor(x)).mode().numpy(), images) * vae.scaling_factor
 
 
 # ---- stage 3: CLIP -----------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def stage_unet(run, vae, clip, tokenizer):
     scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False)
 
     def fit(resume):
-        latents = encode_latents(run, vae, run.train_images, vae.scaling_factor)
+        latents = encode_latents(run, vae, run.train_images)
         captions, caption_of = caption_bank(tokenizer)
         with tinysd.no_grad():
             states = clip.text_model(run.tensor(tokenizer(captions)))[0].numpy()  # (K, S, width)
