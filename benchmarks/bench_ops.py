@@ -275,8 +275,14 @@ def synchronize(device):
             torch.cuda.synchronize()
 
 
-def time_case(case, impls, device, repeat, warmup=2):
-    """Median milliseconds per implementation, interleaved round-robin; errors by implementation."""
+def time_case(case, impls, device, repeat, per_turn=3, settle=0.1, warmup=2):
+    """Median milliseconds per implementation, interleaved round-robin; errors by implementation.
+
+    Each round gives every implementation a turn: a pause of `settle` seconds, one untimed
+    call, then `per_turn` timed calls back to back, as in a training loop. The pause lets the
+    previous implementation's thread pools (OpenMP, OpenBLAS) go idle: their threads keep
+    spinning for a while after their last job and would otherwise steal this one's cores.
+    """
     runs, errors = {}, {}
     for impl in impls:
         try:
@@ -289,11 +295,14 @@ def time_case(case, impls, device, repeat, warmup=2):
     order, times = list(runs), {impl: [] for impl in runs}
     for r in range(repeat if order else 0):
         for impl in order[r % len(order) :] + order[: r % len(order)]:  # rotate who goes first
-            synchronize(device)
-            start = time.perf_counter()
-            runs[impl]()
-            synchronize(device)
-            times[impl].append(time.perf_counter() - start)
+            time.sleep(settle)
+            for call in range(-1, per_turn):  # call -1: the untimed one
+                synchronize(device)
+                start = time.perf_counter()
+                runs[impl]()
+                synchronize(device)
+                if call >= 0:
+                    times[impl].append(time.perf_counter() - start)
     return {impl: 1e3 * statistics.median(t) for impl, t in times.items()}, errors
 
 
@@ -412,7 +421,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--json", default=None, help="write the results here (default bench_ops_<device>.json)")
-    p.add_argument("--repeat", type=int, default=None, help="timed runs per implementation (default 7, quick 2)")
+    p.add_argument("--repeat", type=int, default=None, help="rounds of turns (default 7, quick 2)")
+    p.add_argument("--per-turn", type=int, default=3, help="timed calls per implementation and round (default 3)")
+    p.add_argument("--settle", type=float, default=0.1, help="seconds of pause before each turn (default 0.1)")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run, not a measurement")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for Numba and torch (default: Numba's)")
@@ -423,7 +434,7 @@ def parse_args(argv):
 
 def run_row(case, impls, args, repeat):
     """Time one row (and measure its memory); the JSON entry."""
-    ms, errors = time_case(case, impls, args.device, repeat)
+    ms, errors = time_case(case, impls, args.device, repeat, args.per_turn, args.settle)
     row = {"op": case.op, "shape": case.shape, "ms": ms, "errors": errors,
            "ours_over_torch": _ratio(ms.get("ours"), ms.get("torch"))}  # fmt: skip
     if case.memory and not args.no_memory:
@@ -458,7 +469,8 @@ def main(argv=None):
     settings = setup_device(args.device, args.threads)
     impls = [i for i in IMPLS if i != "torch" or _torch_device_ok(args.device)]
     settings.update(
-        repeat=repeat, quick=args.quick, dtype="float32", timing="median ms of forward+backward, interleaved",
+        repeat=repeat, quick=args.quick, dtype="float32", per_turn=args.per_turn, settle_s=args.settle,
+        timing="median ms of forward+backward; round-robin turns: pause, 1 untimed call, per_turn timed calls",
         ours_kernels=kernels.for_array(tinysd.zeros(1, device=args.device).data).__name__,
         python=platform.python_version(), numpy=np.__version__, torch=None if torch is None else torch.__version__,
     )  # fmt: skip

@@ -19,7 +19,7 @@ def bench():
 
 def test_quick_run_writes_json(bench, tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--no-memory", "--repeat", "1", "--json", str(path)]) == 0
+    assert bench.main(["--quick", "--no-memory", "--repeat", "1", "--settle", "0", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     rows = report["rows"]
     assert [(r["op"], r["shape"]) for r in rows] == [(c.op, c.shape) for c in bench.cases(quick=True)]
