@@ -62,6 +62,29 @@ def test_leaf_gradients_are_independent_writable_arrays():
     x.sum().backward()  # Sum's gradient is a read-only broadcast view
     x.grad.data *= 2
     assert x.grad.tolist() == [2.0, 2.0]
+    z = leaf([[1.0, 2.0]])
+    z.reshape(2).backward(upstream)  # Reshape's gradient is a view of the caller's array
+    z.grad.data += 1
+    row = np.ones((1, 2))
+    z.backward(row)  # the caller's array reaches a leaf unchanged
+    z.grad.data += 1
+    assert upstream.tolist() == [1.0, 1.0] and row.tolist() == [[1.0, 1.0]] and z.grad.tolist() == [[4.0, 4.0]]
+
+
+def test_a_fresh_gradient_array_becomes_grad_without_a_copy():
+    fresh = []
+
+    class Twice(Function):
+        def forward(self, x):
+            return 2 * x
+
+        def backward(self, g):
+            fresh.append(2 * g)
+            return fresh[-1]
+
+    x = leaf([1.0, 2.0])
+    Twice.apply(x).backward(np.ones(2))
+    assert x.grad.data is fresh[0]
 
 
 def test_only_leaves_keep_gradients():

@@ -132,6 +132,21 @@ def _as_array(data, dtype, device):
     return arr
 
 
+def _leaf_grad(g, dtype, given):
+    """The array to store as a leaf's new .grad: g itself when no one else can see it, else a copy.
+
+    Copy when g is a view (a read-only broadcast, or memory shared with another array), the
+    caller's own upstream gradient, or an array already stored as another leaf's .grad
+    (add's backward hands the same g to both inputs). Skipping the copy saves a pass over
+    every gradient: for big activations that is a good part of an op's backward.
+    """
+    owned = g.flags.owndata and getattr(g.flags, "writeable", True) and id(g) not in given
+    if owned and g.dtype == dtype:
+        given.add(id(g))
+        return g
+    return g.astype(dtype)
+
+
 class Tensor:
     """An n-dimensional array that remembers how it was computed."""
 
@@ -276,14 +291,14 @@ class Tensor:
                 raise ValueError(f"backward: grad of shape {tuple(grad.shape)} does not match output {self.shape}")
 
         grads = {id(self): grad}
+        given = {id(grad)}  # arrays the caller holds or a leaf's .grad already uses: never stored twice
         for node in _topological_order(self):
             g = grads.pop(id(node), None)
             if g is None:
                 continue
             fn = node._ctx
             if fn is None:  # a leaf: accumulate into .grad
-                g = g.astype(node.dtype)  # a copy: g may be a read-only broadcast view, or shared
-                node.grad = Tensor(g if node.grad is None else node.grad.data + g)
+                node.grad = Tensor(_leaf_grad(g, node.dtype, given) if node.grad is None else node.grad.data + g)
                 continue
             if fn.freed:
                 raise RuntimeError(
