@@ -251,12 +251,13 @@ def setup_device(device, threads=None):
             import numba
 
             if threads:
-                numba.set_num_threads(threads)
+                tinysd.set_num_threads(threads)  # Numba's threads and NumPy's BLAS threads
             threads = numba.get_num_threads()
         except ImportError:
             threads = threads or os.cpu_count()
         info["numba_threads"] = threads
         info["blas_threads_env"] = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        info["openblas_coretype_env"] = os.environ.get("OPENBLAS_CORETYPE")
         if torch is not None:
             torch.set_num_threads(threads)
             info["torch_threads"] = torch.get_num_threads()

@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--retrain", action="append", default=[], choices=[*STAGES, "all"])
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: all cores); on a busy machine fewer is faster, see README")
     return p.parse_args(argv)
 
 
@@ -370,6 +372,8 @@ def save_denoising_gif(run, pipe, scale=2):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        tinysd.set_num_threads(args.threads)
     tinysd.manual_seed(args.seed)
     start = time.perf_counter()
     run = Run(args)

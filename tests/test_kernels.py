@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import tinysd
 from kernels import load
 from kernels import reference as ref
 from tinysd import backend
@@ -556,3 +557,84 @@ def test_numba_vectorised_exp_matches_numpy(dtype):
     np.testing.assert_allclose(got[normal], expected[normal], rtol=32 * np.finfo(dtype).eps)
     assert np.all(np.abs(got[~normal & ~np.isnan(x)]) <= tiny)  # underflow: 0 (or below the smallest normal)
     assert np.isnan(got[-1])
+
+
+# ---- part 3: numba_cpu's choice of thread count ----------------------------------
+@pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
+def test_numba_small_arrays_run_on_one_thread_large_on_all(monkeypatch):
+    import numba
+
+    numba_cpu = load("numba_cpu")
+    seen = []
+
+    def kernel(x):
+        seen.append(numba.get_num_threads())
+        if x.size == 3:
+            raise RuntimeError("fails inside")
+
+    threads = numba.get_num_threads()
+    monkeypatch.setattr(numba_cpu, "_PARALLEL_MIN_SIZE", 10)
+    numba_cpu._run(kernel, np.zeros(9))
+    numba_cpu._run(kernel, np.zeros(10))
+    with pytest.raises(RuntimeError, match="fails inside"):
+        numba_cpu._run(kernel, np.zeros(3))
+    assert seen == [1, threads, 1] and numba.get_num_threads() == threads  # restored, also after an error
+
+
+@pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numba_parallel_kernels_on_all_threads_match_reference(monkeypatch, dtype):
+    """The other tests draw small arrays, which run on one thread: here every parallel kernel runs on all."""
+    numba_cpu = load("numba_cpu")
+    monkeypatch.setattr(numba_cpu, "_PARALLEL_MIN_SIZE", 0)
+    x, dy = randn(5, 6, 7, 8, dtype=dtype), randn(5, 6, 7, 8, dtype=dtype, seed=1)
+    w, b = randn(6, dtype=dtype, seed=2), randn(6, dtype=dtype, seed=3)
+    got, expected = numba_cpu.group_norm(x, 3, w, b, 1e-5), ref.group_norm(x, 3, w, b, 1e-5)
+    for g, e in zip(got, expected):
+        assert_matches(g, e, dtype)
+    for g, e in zip(numba_cpu.group_norm_backward(dy, x, got[1], got[2], w, 3),
+                    ref.group_norm_backward(dy, x, expected[1], expected[2], w, 3)):
+        assert_matches(g, e, dtype)
+    x2, dy2, w2 = x.reshape(-1, 56), dy.reshape(-1, 56), randn(56, dtype=dtype, seed=4)
+    got, expected = numba_cpu.layer_norm(x2, w2, w2, 1e-5), ref.layer_norm(x2, w2, w2, 1e-5)
+    for g, e in zip(got, expected):
+        assert_matches(g, e, dtype)
+    for g, e in zip(numba_cpu.layer_norm_backward(dy2, x2, got[1], got[2], w2),
+                    ref.layer_norm_backward(dy2, x2, expected[1], expected[2], w2)):
+        assert_matches(g, e, dtype)
+    for forward, backward in (("softmax", "softmax_backward"), ("log_softmax", "log_softmax_backward")):
+        y = getattr(ref, forward)(x, 2)
+        assert_matches(getattr(numba_cpu, forward)(x, 2), y, dtype)
+        assert_matches(getattr(numba_cpu, backward)(dy, y, 2), getattr(ref, backward)(dy, y, 2), dtype)
+    pool = (3, 3), (2, 2), (1, 1)
+    y, argmax = numba_cpu.max_pool2d(x, *pool)
+    y_ref, argmax_ref = ref.max_pool2d(x, *pool)
+    assert_matches(y, y_ref, dtype)
+    g = randn(*y.shape, dtype=dtype, seed=5)
+    assert_matches(numba_cpu.max_pool2d_backward(g, argmax, x.shape, *pool),
+                   ref.max_pool2d_backward(g, argmax_ref, x.shape, *pool), dtype)
+    assert_matches(numba_cpu.avg_pool2d(x, *pool), ref.avg_pool2d(x, *pool), dtype)
+    assert_matches(numba_cpu.avg_pool2d_backward(g, x.shape, *pool), ref.avg_pool2d_backward(g, x.shape, *pool), dtype)
+    mine, theirs = [x.copy(), dy, np.zeros_like(x), np.zeros_like(x)], [x.copy(), dy, np.zeros_like(x), np.zeros_like(x)]
+    numba_cpu.adamw_step(*mine, None, 1, 1e-2, 0.9, 0.999, 1e-8, 0.01)
+    ref.adamw_step(*theirs, None, 1, 1e-2, 0.9, 0.999, 1e-8, 0.01)
+    for got, exp in zip(mine, theirs):
+        assert_matches(got, exp, dtype)
+
+
+def test_set_num_threads_sets_numba_and_blas_threads():
+    numba = pytest.importorskip("numba")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = numba.get_num_threads()
+    blas_threads = lambda: [pool["num_threads"] for pool in threadpoolctl.threadpool_info()  # noqa: E731
+                            if pool["user_api"] == "blas"]
+    blas_before = blas_threads()
+    try:
+        tinysd.set_num_threads(1)
+        assert tinysd.get_num_threads() == numba.get_num_threads() == 1
+        assert blas_threads() and all(n == 1 for n in blas_threads())
+    finally:
+        numba.set_num_threads(before)
+        threadpoolctl.threadpool_limits(max(blas_before, default=1), user_api="blas")
+    with pytest.raises(ValueError, match="set_num_threads"):
+        tinysd.set_num_threads(0)

@@ -65,6 +65,10 @@ int64 = np.int64
 bool_ = np.bool_
 
 
+set_num_threads = backend.set_num_threads
+get_num_threads = backend.get_num_threads
+
+
 class cuda:
     """`tinysd.cuda.is_available()`, as in PyTorch."""
 
