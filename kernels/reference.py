@@ -165,6 +165,9 @@ def conv_transpose2d_shape(x_shape, w_shape, stride, padding, output_padding, di
                          f"stride {tuple(stride)} or dilation {tuple(dilation)}")
     ho = (h - 1) * sh - 2 * ph + dh * (kh - 1) + oph + 1
     wo = (wd - 1) * sw - 2 * pw + dw * (kw - 1) + opw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"conv_transpose2d: input {tuple(x_shape)} with weight {tuple(w_shape)}, stride {tuple(stride)} "
+                         f"and padding {tuple(padding)} gives an empty output ({ho}, {wo})")
     return (n, w_shape[1] * groups, ho, wo)
 
 
