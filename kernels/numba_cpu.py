@@ -217,7 +217,10 @@ class _ConvPlan:
         self.hp, self.wp = self.h + 2 * self.ph, self.w + 2 * self.pw
         self.p, self.k = self.ho * self.wo, self.c * self.kh * self.kw
         per_sample = (self.p * (self.k + self.o) + self.hp * self.wp * self.c) * np.dtype(dtype).itemsize
-        step = max(1, min(self.n, _CACHE_BYTES // per_sample))
+        # buffers of about _CACHE_BYTES, but at most twice the input's size: a small
+        # convolution should not carry 4 MiB of buffers (peak memory is a benchmark target)
+        budget = min(_CACHE_BYTES, 2 * self.n * self.c * self.h * self.w * np.dtype(dtype).itemsize)
+        step = max(1, min(self.n, budget // per_sample))
         self.chunks = [(n0, min(self.n, n0 + step)) for n0 in range(0, self.n, step)]
         self._cols = np.empty(step * self.p * self.k, dtype)
         self._out = np.empty(step * self.p * self.o, dtype)
