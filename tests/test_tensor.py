@@ -85,6 +85,17 @@ def test_a_fresh_gradient_array_becomes_grad_without_a_copy():
     x = leaf([1.0, 2.0])
     Twice.apply(x).backward(np.ones(2))
     assert x.grad.data is fresh[0]
+    z = leaf([[1.0, 2.0]])
+    Twice.apply(z.reshape(2)).backward(np.ones(2))  # reshape's backward: a view of a fresh array
+    assert z.grad.data.base is fresh[1]
+
+
+def test_leaves_given_views_of_one_array_get_separate_gradients():
+    a, b = leaf([1.0, 2.0]), leaf([3.0])
+    (tinysd.cat([a, b]) * 2).backward(np.ones(3))  # cat's backward: views of one fresh array
+    a.grad.data += 1
+    b.grad.data += 10
+    assert a.grad.tolist() == [3.0, 3.0] and b.grad.tolist() == [12.0]
 
 
 def test_only_leaves_keep_gradients():

@@ -132,19 +132,29 @@ def _as_array(data, dtype, device):
     return arr
 
 
-def _leaf_grad(g, dtype, given):
-    """The array to store as a leaf's new .grad: g itself when no one else can see it, else a copy.
+def _memory_owner(a):
+    """The array (or buffer) whose memory `a` views: follow .base to its end."""
+    while getattr(a, "base", None) is not None:
+        a = a.base
+    return a
 
-    Copy when g is a view (a read-only broadcast, or memory shared with another array), the
-    caller's own upstream gradient, or an array already stored as another leaf's .grad
-    (add's backward hands the same g to both inputs). Skipping the copy saves a pass over
-    every gradient: for big activations that is a good part of an op's backward.
+
+def _leaf_grad(g, dtype, given):
+    """The array to store as a leaf's new .grad: g itself when no one else can see its memory, else a copy.
+
+    `given` holds the ids of memory owners that others already see: the caller's upstream
+    gradient and every array stored as a .grad so far. Copy when g's memory is one of them
+    (add's backward hands the same g to both inputs; reshape's backward a view of the
+    caller's array), and when g is a broadcast (zero strides, or a read-only view). Backward
+    functions never write into arrays they are given, so a fresh array, or a view of one,
+    can become a .grad as it is: no pass over a big gradient just to copy it.
     """
-    owned = g.flags.owndata and getattr(g.flags, "writeable", True) and id(g) not in given
-    if owned and g.dtype == dtype:
-        given.add(id(g))
-        return g
-    return g.astype(dtype)
+    owner = _memory_owner(g)
+    shared = id(owner) in given or not getattr(g.flags, "writeable", True) or (g.size > 1 and 0 in g.strides)
+    if shared or g.dtype != dtype:
+        return g.astype(dtype)
+    given.add(id(owner))
+    return g
 
 
 class Tensor:
@@ -291,7 +301,7 @@ class Tensor:
                 raise ValueError(f"backward: grad of shape {tuple(grad.shape)} does not match output {self.shape}")
 
         grads = {id(self): grad}
-        given = {id(grad)}  # arrays the caller holds or a leaf's .grad already uses: never stored twice
+        given = {id(_memory_owner(grad))}  # memory the caller or a leaf's .grad already holds
         for node in _topological_order(self):
             g = grads.pop(id(node), None)
             if g is None:
