@@ -432,34 +432,39 @@ _TAYLOR = tuple(1.0 / math.factorial(n) for n in range(14))
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _exp_inplace(x, n, bits):
-    """x[:n] <- exp(x[:n]) for x <= 88 (float32) / 709 (float64); -inf -> 0; nan stays nan.
+def _exp_into(src, shift, dst, n, bits):
+    """dst[:n] <- exp(src[:n] - shift), returning their sum (src may be dst).
 
-    bits: an integer scratch array of x's itemsize (int32 for float32, int64 for float64), length >= n.
+    For src - shift <= 88 (float32) / 709 (float64); -inf -> 0; nan stays nan.
+    bits: an integer scratch array of dst's itemsize (int32 for float32, int64 for float64), length >= n.
     """
-    t, it = x.dtype.type, bits.dtype.type
+    t, it = dst.dtype.type, bits.dtype.type
     mantissa = it(23) if bits.itemsize == 4 else it(52)
     bias = it(127) if bits.itemsize == 4 else it(1023)
     lowest = t(-87.0) if bits.itemsize == 4 else t(-708.0)  # below this e^x is subnormal: return 0
+    offset = t(shift)
     for j in range(n):
-        v = x[j]
+        v = src[j] - offset
         k = np.floor(max(v, lowest) * t(_LOG2E) + t(0.5))  # np.floor keeps x's float type
         r = (max(v, lowest) - k * t(_LN2_HI)) - k * t(_LN2_LO)
         p = t(_TAYLOR[13])
         for c in _TAYLOR[12::-1]:
             p = p * r + t(c)
-        x[j] = p if v >= lowest else (t(0.0) if v < lowest else v)
+        dst[j] = p if v >= lowest else (t(0.0) if v < lowest else v)
         bits[j] = (it(k) + bias) << mantissa
-    scale = bits.view(x.dtype)
+    scale = bits.view(dst.dtype)
+    total = 0.0
     for j in range(n):
-        x[j] *= scale[j]
+        dst[j] *= scale[j]
+        total += dst[j]
+    return total
 
 
 _INT_OF = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
 
 
 def _exp_scratch(blocks, length, dtype):
-    """One integer scratch row per parallel block, for _exp_inplace."""
+    """One integer scratch row per parallel block, for _exp_into."""
     return np.empty((blocks, max(1, length)), _INT_OF[np.dtype(dtype)])
 
 
@@ -593,12 +598,7 @@ def _softmax_rows(x, log, y, bits):
             m = row[0]
             for l in range(1, length):
                 m = max(m, row[l])
-            for l in range(length):
-                out[l] = row[l] - m
-            _exp_inplace(out, length, bits[block])
-            total = 0.0
-            for l in range(length):
-                total += out[l]
+            total = _exp_into(row, m, out, length, bits[block])
             if log:  # (x - m) - log(total) as two passes: exact where x == m (fastmath may not merge them)
                 for l in range(length):
                     out[l] = row[l] - m
@@ -624,8 +624,7 @@ def _softmax_rows_backward(dy, y, log, dx, bits):
                 total += dy[r, l] if log else dy[r, l] * y[r, l]
             t = y.dtype.type(total)
             if log:
-                dx[r] = y[r]
-                _exp_inplace(dx[r], length, bits[block])
+                _exp_into(y[r], 0.0, dx[r], length, bits[block])
                 for l in range(length):
                     dx[r, l] = dy[r, l] - dx[r, l] * t
             else:
@@ -714,12 +713,7 @@ def _scores_to_probabilities(s, b0, mask, has_mask, scale, is_causal, lse, bits)
                 row[:visible] = 0
                 lse[b0 + b, i] = -np.inf
                 continue
-            for j in range(visible):
-                row[j] -= m
-            _exp_inplace(row, visible, bits)
-            total = 0.0
-            for j in range(visible):
-                total += row[j]
+            total = _exp_into(row, m, row, visible, bits)
             inv = row.dtype.type(1.0 / total)
             for j in range(visible):
                 row[j] *= inv
@@ -744,7 +738,7 @@ def _probabilities_backward(s, dp, b0, dout, out, mask, has_mask, scale, lse, is
                 mask_row = mask[(b0 + b) % mask.shape[0], i]
                 for j in range(visible):
                     row[j] += mask_row[j]
-            _exp_inplace(row, visible, bits)
+            _exp_into(row, 0.0, row, visible, bits)
             d = grad.dtype.type(row_dot)
             for j in range(visible):
                 grad[j] = scale * row[j] * (grad[j] - d)
@@ -804,7 +798,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
     return dq, dk, dv
 
 
-# ---- activations: one fused pass, exp through the SIMD-friendly _exp_inplace ------
+# ---- activations: one fused pass, exp through the SIMD-friendly _exp_into ------
 # silu and both gelus are built from one exponential per element:
 #   silu(x)      = x s,          s = sigmoid(x) = 1 / (1 + e^-x)
 #   gelu_tanh(x) = x s,          s = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
@@ -829,14 +823,14 @@ _ACTIVATION_RUN = 512  # elements per pass: the scratch rows stay in L1
 def _sigmoid_gate_run(kind, backward, x, dy, out, e, bits):
     """silu or gelu_tanh of one run: out = x s, or dy * d(x s)/dx, with s = sigmoid(x) or sigmoid(2u)."""
     t = x.dtype.type
-    highest = t(88.0) if bits.itemsize == 4 else t(709.0)  # _exp_inplace's range; s ~ 0 beyond it anyway
+    highest = t(88.0) if bits.itemsize == 4 else t(709.0)  # _exp_into's range; s ~ 0 beyond it anyway
     slope = t(1.0) if kind == _SILU else t(0.0)  # the gate's argument: x (silu), 2u (gelu_tanh)
     cubic = t(1.0) - slope
     for j in range(x.size):
         v = x[j]
         arg = slope * v + cubic * t(2.0 * _SQRT_2_OVER_PI) * (v + t(_TANH_C) * v * v * v)
         e[j] = min(-arg, highest)
-    _exp_inplace(e, x.size, bits)
+    _exp_into(e, 0.0, e, x.size, bits)
     for j in range(x.size):
         v = x[j]
         s = t(1.0) / (t(1.0) + e[j])
@@ -858,7 +852,7 @@ def _gelu_erf_run(backward, x, dy, out, e, bits):
         for c in _ERFC_FIT[8::-1]:
             p = p * tt + t(c)
         e[j] = p - z * z
-    _exp_inplace(e, x.size, bits)
+    _exp_into(e, 0.0, e, x.size, bits)
     for j in range(x.size):
         v = x[j]
         z = abs(v) * t(_INV_SQRT_2)
@@ -868,7 +862,7 @@ def _gelu_erf_run(backward, x, dy, out, e, bits):
     if backward:  # dy (Phi + x phi), phi(x) = exp(-x^2 / 2) / sqrt(2 pi); out holds Phi
         for j in range(x.size):
             e[j] = t(-0.5) * x[j] * x[j]
-        _exp_inplace(e, x.size, bits)
+        _exp_into(e, 0.0, e, x.size, bits)
         for j in range(x.size):
             out[j] = dy[j] * (out[j] + x[j] * e[j] * t(_INV_SQRT_2PI))
 
