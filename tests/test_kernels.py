@@ -665,7 +665,7 @@ def test_set_num_threads_sets_numba_and_blas_threads():
 def test_numba_float32_gelu_erf_fit_is_accurate():
     """float32 gelu uses a fit of erfc (relative error < 1.2e-7): check it densely against libm's erfc.
 
-    Relative error ~1e-6 in the bulk; in the far left tail exp(-x^2 / 2) of a float32 x^2 carries
+    Relative error ~1e-6 in the bulk (the fit's 1.2e-7 plus a dozen float32 roundings); in the far left tail exp(-x^2 / 2) of a float32 x^2 carries
     x^2 / 2 * eps of relative error (1e-5 at x = -12, where gelu is -1e-32). Not checked against
     the reference, whose 1 + erf(x / sqrt 2) cancels to 0 below x ~ -8."""
     numba_cpu = load("numba_cpu")
@@ -674,6 +674,6 @@ def test_numba_float32_gelu_erf_fit_is_accurate():
     pdf = np.exp(-0.5 * x.astype(np.float64) ** 2) / math.sqrt(2 * math.pi)
     got = numba_cpu.gelu(x, "none")
     bulk = np.abs(x) <= 3
-    np.testing.assert_allclose(got[bulk], (x * cdf)[bulk], rtol=1e-6, atol=1e-37)
+    np.testing.assert_allclose(got[bulk], (x * cdf)[bulk], rtol=2e-6, atol=1e-37)
     np.testing.assert_allclose(got, x * cdf, rtol=2e-5, atol=1e-37)
     np.testing.assert_allclose(numba_cpu.gelu_backward(np.ones_like(x), x, "none"), cdf + x * pdf, rtol=0, atol=3e-7)
