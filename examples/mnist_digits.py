@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--retrain", action="append", default=[], choices=[*STAGES, "all"])
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion"])
+    p.add_argument("--perceptual-weight", type=float, default=0.0,
+                   help="add this times F.perceptual_loss (the classifier's feature maps) to the VAE's loss")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: all cores); on a busy machine fewer is faster, see README")
     return p.parse_args(argv)
@@ -167,15 +169,21 @@ def classifier_accuracy(run, model, images, labels):
 
 
 # ---- stage 2: the VAE --------------------------------------------------------------------------
-def stage_vae(run):
+def stage_vae(run, classifier):
     model = AutoencoderKL().to(run.device)
     cfg = run.budget["vae"]
+    perceptual = run.args.perceptual_weight
+    if perceptual:
+        classifier.requires_grad_(False)  # a fixed judge of what looks like a digit: only the VAE learns
 
     def loss_fn(idx):
         x = run.tensor(run.train_images[idx])
         posterior = model.encode(x)
         recon = model.decode(posterior.sample())
-        return F.mse_loss(recon, x) + cfg["kl_weight"] * posterior.kl().mean()
+        loss = F.mse_loss(recon, x) + cfg["kl_weight"] * posterior.kl().mean()
+        if perceptual:  # also match the classifier's feature maps, not only the pixels
+            loss = loss + perceptual * F.perceptual_loss(recon, x, classifier.feature_maps)
+        return loss
 
     def fit(resume):
         opt = optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
@@ -185,11 +193,16 @@ def stage_vae(run):
         recon = evaluate_in_batches(lambda x: model.decode(model.encode(run.tensor(x)).mode()).numpy(),
                                     run.test_images)
         s["test_psnr_db"] = psnr(crop01(recon), crop01(run.test_images))
+        s["test_recon_accuracy"] = classifier_accuracy(run, classifier, recon, run.test_labels)
+        s["perceptual_weight"] = perceptual
         # Scale latents to unit variance for the diffusion model, as Stable Diffusion does.
         s["scaling_factor"] = model.estimate_scaling_factor(run.train_images[:5000])
         return s
 
     summary = run.stage("vae", model, fit)
+    if summary.get("perceptual_weight", 0.0) != perceptual:
+        print(f"[vae] the checkpoint was trained with --perceptual-weight {summary.get('perceptual_weight', 0.0)}; "
+              f"pass --retrain vae to train with {perceptual}")
     model.scaling_factor = summary["scaling_factor"]
     return model
 
@@ -379,7 +392,7 @@ def main(argv=None):
     run = Run(args)
     tokenizer = Tokenizer()
     classifier = stage_classifier(run)
-    vae = stage_vae(run)
+    vae = stage_vae(run, classifier)
     clip = stage_clip(run, tokenizer)
     unet = stage_unet(run, vae, clip, tokenizer)
     scheduler_cls = DDIMScheduler if args.scheduler == "ddim" else DDPMScheduler

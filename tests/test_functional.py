@@ -548,6 +548,25 @@ def test_contrastive_loss(n, e, with_positives, seed):
     assert gradcheck(lambda a, b, s: F.contrastive_loss(a, b, s, arg), [img, txt, log_scale])
 
 
+@given(n=st.integers(1, 3), c=st.integers(1, 2), size=st.integers(2, 5), seed=seeds)
+def test_perceptual_loss(n, c, size, seed):
+    """sum_i w_i mse(phi_i(x), phi_i(y)) for a small fixed feature network; zero against itself."""
+    rng = np.random.default_rng(seed)
+    w1, w2 = rand(rng, 3, c, 3, 3), rand(rng, 2, 3, 1, 1)
+
+    def features(t):
+        first = F.relu(F.conv2d(t, w1, padding=1))
+        return [first, F.conv2d(first, w2)]
+
+    x, y = rand(rng, n, c, size, size), rand(rng, n, c, size, size)
+    (x1, x2), (y1, y2) = features(x), features(y)
+    expected = 0.5 * F.mse_loss(x1, y1).item() + 2.0 * F.mse_loss(x2, y2).item()
+    close(F.perceptual_loss(x, y, features, weights=[0.5, 2.0]), expected)
+    close(F.perceptual_loss(y, y, features), 0.0)
+    assert gradcheck(lambda a: F.perceptual_loss(a, y, features), [x])
+    F.perceptual_loss(x, y, features).backward()
+    assert y.grad is None  # the target's features are computed without a graph
+
 # ---- bad input ----------
 
 
@@ -602,6 +621,9 @@ bad_inputs = [
     (lambda: F.pad(z(3), (1, 1), mode="reflect"), r"pad: only mode='constant'"),
     (lambda: F.contrastive_loss(z(3, 4), z(2, 4), 0.0), r"contrastive_loss: image_embeds \(3, 4\) and text_embeds"),
     (lambda: F.contrastive_loss(z(2, 4), z(2, 4), 0.0, np.array([[1, 0], [1, 0]], bool)), r"every row and column"),
+    (lambda: F.perceptual_loss(z(2, 4), z(2, 4), lambda t: [t, t], weights=[1.0]), r"perceptual_loss: .* 2 maps .* 1 "
+     r"weights"),
+    (lambda: F.perceptual_loss(z(2, 4), z(2, 3), lambda t: [t]), r"perceptual_loss: input \(2, 4\) and target"),
 ]  # fmt: skip
 
 

@@ -29,7 +29,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mnist_digits")
     example = load_example()
     example.main(["--quick", "--out", str(out), "--samples-per-digit", "2", "--steps", "4",
-                  "--prompt", "the number 3"])
+                  "--prompt", "the number 3", "--perceptual-weight", "0.5"])
     return example, out
 
 
@@ -52,7 +52,8 @@ def test_quick_run_writes_every_output(quick_run):
     for stage in ("classifier", "vae", "clip", "unet"):
         assert {"wall_s", "images_per_s", "final_loss"} <= set(metrics[stage])
     assert 0.0 <= metrics["classifier"]["test_accuracy"] <= 1.0
-    assert np.isfinite(metrics["vae"]["test_psnr_db"])
+    assert np.isfinite(metrics["vae"]["test_psnr_db"]) and metrics["vae"]["perceptual_weight"] == 0.5
+    assert 0.0 <= metrics["vae"]["test_recon_accuracy"] <= 1.0
     assert 0.0 <= metrics["clip"]["zero_shot_test_accuracy"] <= 1.0
     assert 0.0 <= metrics["samples"]["accuracy"] <= 1.0
     assert set(metrics["samples"]["accuracy_per_digit"]) == {str(d) for d in range(10)}
@@ -66,6 +67,7 @@ def test_second_run_skips_finished_stages(quick_run, capsys):
     printed = capsys.readouterr().out
     for name in ("classifier", "vae", "clip", "unet"):
         assert f"[{name}] loaded" in printed
+    assert "trained with --perceptual-weight 0.5; pass --retrain vae" in printed  # this run asked for 0.0
     assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
 
 

@@ -307,6 +307,10 @@ def test_classifier_shapes():
     model = DigitClassifier()
     x = tinysd.randn(3, 1, 32, 32)
     assert model(x).shape == (3, 10) and model.features(x).shape == (3, 128)
+    maps = model.feature_maps(x)
+    assert [m.shape for m in maps] == [(3, 16, 16, 16), (3, 32, 8, 8), (3, 64, 4, 4)]
+    expected = F.relu(model.fc1(maps[-1].flatten(1)))
+    np.testing.assert_array_equal(model.features(x).numpy(), expected.numpy())
     assert DigitClassifier(image_size=24)(tinysd.randn(2, 1, 24, 24)).shape == (2, 10)
     with pytest.raises(ValueError, match="32"):
         model(tinysd.randn(2, 1, 28, 28))

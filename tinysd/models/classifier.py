@@ -30,15 +30,22 @@ class DigitClassifier(nn.Module):
         self.fc1 = nn.Linear(c3 * (image_size // 8) ** 2, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
-    def features(self, x):
-        """The penultimate features (B, hidden): what a Frechet distance compares."""
+    def feature_maps(self, x):
+        """The output of each conv stage: [(B, 16, 16, 16), (B, 32, 8, 8), (B, 64, 4, 4)] for 32x32
+        images, from strokes to digit parts (what F.perceptual_loss compares)."""
         if x.ndim != 4 or x.shape[2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"DigitClassifier: expected images (B, C, {self.image_size}, {self.image_size}), got {x.shape}"
             )
+        maps = []
         for conv in (self.conv1, self.conv2, self.conv3):
             x = F.max_pool2d(F.relu(conv(x)), 2)
-        return F.relu(self.fc1(x.flatten(1)))
+            maps.append(x)
+        return maps
+
+    def features(self, x):
+        """The penultimate features (B, hidden): what a Frechet distance compares."""
+        return F.relu(self.fc1(self.feature_maps(x)[-1].flatten(1)))
 
     def forward(self, x):
         return self.fc2(self.features(x))

@@ -21,7 +21,7 @@ import numpy as np
 import kernels
 
 from .. import backend, ops
-from ..tensor import Function, Tensor, default_generator
+from ..tensor import Function, Tensor, default_generator, no_grad
 
 # ---- argument checks shared by several functions ----------
 
@@ -741,9 +741,33 @@ def contrastive_loss(image_embeds, text_embeds, logit_scale, positives=None):
     return (cross_entropy(logits, rows.astype(logits.dtype)) + cross_entropy(logits.T, cols.astype(logits.dtype))) / 2
 
 
+def perceptual_loss(input, target, features, weights=None):
+    """Compare images by what a fixed network sees in them rather than pixel by pixel:
+
+        L = sum_i w_i * mean((phi_i(input) - phi_i(target))^2)
+
+    `features(x)` returns the feature maps phi_1(x), phi_2(x), ... of a trained network
+    (e.g. DigitClassifier.feature_maps); `weights` (default all 1) one w_i per map. Pixel
+    MSE is satisfied by a blurry average of the plausible images; matching features
+    rewards strokes and edges where the network expects them. The target's features are
+    computed without a graph; gradients flow through the network into `input`, and into
+    the network's parameters too unless they are frozen (`net.requires_grad_(False)`).
+    """
+    op = "perceptual_loss"
+    _check_float(op, input=input)
+    target = _same_shape_target(op, input, target)
+    mine = list(features(input))
+    with no_grad():
+        theirs = list(features(target))
+    weights = [1.0] * len(mine) if weights is None else list(weights)
+    if not mine or len(weights) != len(mine) or len(theirs) != len(mine):
+        raise ValueError(f"{op}: features returned {len(mine)} maps for input and {len(theirs)} for target, "
+                         f"with {len(weights)} weights: need at least one map and one weight per map")
+    return sum(w * mse_loss(a, b) for w, a, b in zip(weights, mine, theirs))
+
 __all__ = [
     "linear", "conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "interpolate", "pad",
     "group_norm", "layer_norm", "scaled_dot_product_attention", "relu", "sigmoid", "tanh", "softmax",
     "log_softmax", "silu", "gelu", "dropout", "embedding", "mse_loss", "l1_loss", "cross_entropy",
-    "binary_cross_entropy_with_logits", "gaussian_kl", "contrastive_loss",
+    "binary_cross_entropy_with_logits", "gaussian_kl", "contrastive_loss", "perceptual_loss",
 ]  # fmt: skip
