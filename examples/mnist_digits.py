@@ -387,6 +387,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         tinysd.set_num_threads(args.threads)
+    elif args.device == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.8:
+        # Threads that meet after every matrix product lose badly to a program holding a core
+        # (measured: the VAE stage took 107 s alone, 492 s next to a test run).
+        print(f"[threads] other programs keep this machine busy (load {os.getloadavg()[0]:.1f}); "
+              f"if training is slow, try --threads 1")
     tinysd.manual_seed(args.seed)
     start = time.perf_counter()
     run = Run(args)

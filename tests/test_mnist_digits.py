@@ -60,11 +60,13 @@ def test_quick_run_writes_every_output(quick_run):
     assert np.isfinite(metrics["samples"]["frechet_distance_classifier_features"])
 
 
-def test_second_run_skips_finished_stages(quick_run, capsys):
+def test_second_run_skips_finished_stages(quick_run, capsys, monkeypatch):
     example, out = quick_run
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    monkeypatch.setattr(example.os, "getloadavg", lambda: (1.5, 1.0, 1.0), raising=False)
     example.main(["--quick", "--out", str(out), "--samples-per-digit", "1", "--steps", "2"])
     printed = capsys.readouterr().out
+    assert "busy (load 1.5)" in printed and "--threads 1" in printed
     for name in ("classifier", "vae", "clip", "unet"):
         assert f"[{name}] loaded" in printed
     assert "trained with --perceptual-weight 0.5; pass --retrain vae" in printed  # this run asked for 0.0
