@@ -142,6 +142,32 @@ def test_cast_and_to_dtype():
     check_op([(2, 3)], lambda a: a.astype(np.float32).astype(a.dtype), lambda t: t.float().to(t.dtype), grad=False)
 
 
+def test_integers_mixed_with_floats_promote_as_in_pytorch():
+    """An integer tensor meeting a float takes the float's dtype (float32 for a Python float),
+    and integer / integer is float32; NumPy alone would give float64 in each case."""
+    ints = tinysd.arange(4)
+    f32, f64 = tinysd.ones(4), tinysd.ones(4, dtype=np.float64)
+    cases = {
+        "ints * 0.5": (ints * 0.5, np.float32, [0.0, 0.5, 1.0, 1.5]),
+        "0.5 + ints": (0.5 + ints, np.float32, [0.5, 1.5, 2.5, 3.5]),
+        "ints / 2": (ints / 2, np.float32, [0.0, 0.5, 1.0, 1.5]),
+        "ints ** 0.5": (ints**0.5, np.float32, [0.0, 1.0, 2**0.5, 3**0.5]),
+        "ints + f32": (ints + f32, np.float32, [1.0, 2.0, 3.0, 4.0]),
+        "ints + f64": (ints + f64, np.float64, [1.0, 2.0, 3.0, 4.0]),
+        "where(ints > 1, ints, 0.5)": (tinysd.where(ints > 1, ints, 0.5), np.float32, [0.5, 0.5, 2.0, 3.0]),
+        "ints + 1": (ints + 1, np.int64, [1, 2, 3, 4]),
+        "ints - 1": (ints - 1, np.int64, [-1, 0, 1, 2]),
+        "f32 + f64": (f32 + f64, np.float64, [2.0] * 4),
+        "f32 * 2": (f32 * 2, np.float32, [2.0] * 4),
+    }
+    for name, (got, dtype, values) in cases.items():
+        assert got.dtype == dtype, name
+        np.testing.assert_allclose(got.numpy(), values, rtol=1e-6, err_msg=name)
+    x = tinysd.tensor([1.0, 2.0], requires_grad=True)
+    (x * tinysd.tensor([3, 4])).sum().backward()  # the integer side carries no gradient; x's is float32
+    assert x.grad.dtype == np.float32 and x.grad.tolist() == [3.0, 4.0]
+
+
 def test_comparisons_give_bool_tensors_without_gradient():
     x = tinysd.tensor([1.0, 2.0, 3.0], requires_grad=True)
     assert (x > 2).tolist() == [False, False, True] and (x <= 2).tolist() == [True, True, False]

@@ -31,11 +31,26 @@ def as_tensor(x, like):
 
 
 def _pair(a, b):
-    if not isinstance(a, Tensor):
+    """Both operands as Tensors, with PyTorch's rule for mixing integers and floats: the
+    integer side becomes the float side's dtype (float32 when the float is a Python number),
+    where NumPy would pick float64. Other mixes follow NumPy (float32 with float64 gives float64)."""
+    a_number, b_number = not isinstance(a, Tensor), not isinstance(b, Tensor)
+    if a_number:
         a = as_tensor(a, b)
     if not isinstance(b, Tensor):
         b = as_tensor(b, a)
+    if a.dtype.kind in "biu" and b.dtype.kind == "f":
+        a = _as_float(a, np.float32 if b_number else b.dtype)
+        b = _as_float(b, a.dtype) if b_number else b
+    elif b.dtype.kind in "biu" and a.dtype.kind == "f":
+        b = _as_float(b, np.float32 if a_number else a.dtype)
+        a = _as_float(a, b.dtype) if a_number else a
     return a, b
+
+
+def _as_float(t, dtype):
+    """An integer (or bool) tensor, or a wrapped Python number, as floats of `dtype` (no gradient to keep)."""
+    return t if t.dtype == dtype else Tensor(t.data.astype(dtype))
 
 
 def _dim(dim, ndim, op):
@@ -141,6 +156,10 @@ def mul(a, b):
 
 
 def div(a, b):
+    """True division; two integer operands give float32, as in PyTorch (NumPy: float64)."""
+    a, b = _pair(a, b)
+    if a.dtype.kind in "biu" and b.dtype.kind in "biu":
+        a, b = _as_float(a, np.float32), _as_float(b, np.float32)
     return _binary(Div, a, b)
 
 
