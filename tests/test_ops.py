@@ -142,6 +142,20 @@ def test_cast_and_to_dtype():
     check_op([(2, 3)], lambda a: a.astype(np.float32).astype(a.dtype), lambda t: t.float().to(t.dtype), grad=False)
 
 
+def test_dim_ops_on_a_0d_tensor_treat_it_as_one_element():
+    """PyTorch accepts dim 0 or -1 on a 0-d tensor: sum/mean keep it, max gives index 0, softmax 1."""
+    x = tinysd.tensor(3.0, dtype=np.float64, requires_grad=True)
+    values, index = x.max(0)
+    assert x.sum(0).item() == x.mean(-1).item() == values.item() == 3.0 and index.item() == 0
+    assert x.sum(0, keepdim=True).shape == () and x.min(-1)[0].shape == ()
+    assert tinysd.softmax(x, 0).item() == 1.0 and tinysd.log_softmax(x, -1).item() == 0.0
+    (2 * x.sum(0) + values + 5 * tinysd.softmax(x, 0)).backward()
+    assert x.grad.item() == 3.0
+    for call in (lambda: x.sum(1), lambda: x.max(-2), lambda: tinysd.softmax(x, 1)):
+        with pytest.raises(IndexError, match="out of range for a tensor with 0 dims"):
+            call()
+
+
 def test_integers_mixed_with_floats_promote_as_in_pytorch():
     """An integer tensor meeting a float takes the float's dtype (float32 for a Python float),
     and integer / integer is float32; NumPy alone would give float64 in each case."""

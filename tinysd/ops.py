@@ -61,11 +61,19 @@ def _dim(dim, ndim, op):
 
 
 def _dims(dim, ndim, op):
+    """Reduction axes; a 0-d tensor accepts dim 0 or -1 (as in PyTorch) and reduces over nothing."""
     if dim is None:
         return None
-    if isinstance(dim, (tuple, list)):
-        return tuple(_dim(d, ndim, op) for d in dim)
-    return (_dim(dim, ndim, op),)
+    dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+    axes = tuple(_dim(d, ndim, op) for d in dims)
+    return () if ndim == 0 else axes
+
+
+def _as_vector(fn, x, dim, op):
+    """fn(x.reshape(1), 0) for a 0-d x (one element along its only dim), back to shape ()."""
+    _dim(dim, 0, op)
+    out = fn(x.reshape(1), 0)
+    return tuple(t.reshape(()) for t in out) if isinstance(out, tuple) else out.reshape(())
 
 
 def _check_broadcast(op, a, b):
@@ -468,6 +476,8 @@ def _extreme(x, dim, keepdim, largest):
         raise ValueError(f"{name}: empty tensor of shape {x.shape}")
     if dim is None:
         return MaxAll.apply(x, largest=largest)
+    if x.ndim == 0:
+        return _as_vector(lambda v, d: _extreme(v, d, False, largest), x, dim, name)
     axis = _dim(dim, x.ndim, name)
     values = MaxAlong.apply(x, axis=axis, keepdim=keepdim, largest=largest)
     return values, argmax(x, dim, keepdim) if largest else argmin(x, dim, keepdim)
@@ -812,10 +822,14 @@ class LogSoftmax(Function):
 
 
 def softmax(x, dim):
+    if x.ndim == 0:
+        return _as_vector(softmax, x, dim, "softmax")
     return Softmax.apply(x, axis=_dim(dim, x.ndim, "softmax"))
 
 
 def log_softmax(x, dim):
+    if x.ndim == 0:
+        return _as_vector(log_softmax, x, dim, "log_softmax")
     return LogSoftmax.apply(x, axis=_dim(dim, x.ndim, "log_softmax"))
 
 
