@@ -128,6 +128,8 @@ def test_maximum_splits_the_gradient_on_ties_and_clamp_needs_a_bound():
     assert a.grad.tolist() == [0.0, 0.5, 1.0] and b.grad.tolist() == [1.0, 0.5, 0.0]
     with pytest.raises(ValueError, match="clamp"):
         tinysd.clamp(a)
+    f32 = tinysd.tensor([0.0, 1.0, 2.0])
+    assert tinysd.clamp(f32, np.float64(0.5), np.array(1.5)).dtype == np.float32  # NumPy-scalar bounds are numbers
 
 
 def test_cast_and_to_dtype():

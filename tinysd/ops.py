@@ -350,9 +350,12 @@ class Clamp(Function):
 
 
 def clamp(x, min=None, max=None):
+    """Limit x to [min, max] (either may be None). NumPy scalar bounds count as Python numbers,
+    so a float32 tensor stays float32 (NumPy alone would promote with a float64 bound)."""
     if min is None and max is None:
         raise ValueError("clamp: at least one of min and max must be given")
-    return Clamp.apply(x, lo=min, hi=max)
+    as_number = lambda b: b.item() if isinstance(b, (np.generic, np.ndarray)) and np.ndim(b) == 0 else b  # noqa: E731
+    return Clamp.apply(x, lo=as_number(min), hi=as_number(max))
 
 
 class Cast(Function):
