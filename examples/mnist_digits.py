@@ -64,6 +64,23 @@ QUICK = dict(
 )
 
 
+def busy_cores(seconds=0.3):
+    """How many cores other programs keep busy right now, from two readings of /proc/stat
+    (Linux) while this process sleeps; None where there is no /proc/stat."""
+
+    def reading():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    try:
+        (total0, idle0), _, (total1, idle1) = reading(), time.sleep(seconds), reading()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / elapsed) if elapsed > 0 else 0.0
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -387,10 +404,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         tinysd.set_num_threads(args.threads)
-    elif args.device == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.8:
+    elif args.device == "cpu" and (busy := busy_cores()) is not None and busy >= 0.5:
         # Threads that meet after every matrix product lose badly to a program holding a core
         # (measured: the VAE stage took 107 s alone, 492 s next to a test run).
-        print(f"[threads] other programs keep this machine busy (load {os.getloadavg()[0]:.1f}); "
+        print(f"[threads] other programs keep {busy:.1f} of {os.cpu_count()} cores busy; "
               f"if training is slow, try --threads 1")
     tinysd.manual_seed(args.seed)
     start = time.perf_counter()

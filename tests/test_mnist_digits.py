@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,14 +64,38 @@ def test_quick_run_writes_every_output(quick_run):
 def test_second_run_skips_finished_stages(quick_run, capsys, monkeypatch):
     example, out = quick_run
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
-    monkeypatch.setattr(example.os, "getloadavg", lambda: (1.5, 1.0, 1.0), raising=False)
+    monkeypatch.setattr(example, "busy_cores", lambda: 1.2)
     example.main(["--quick", "--out", str(out), "--samples-per-digit", "1", "--steps", "2"])
     printed = capsys.readouterr().out
-    assert "busy (load 1.5)" in printed and "--threads 1" in printed
+    assert "keep 1.2 of" in printed and "--threads 1" in printed
     for name in ("classifier", "vae", "clip", "unet"):
         assert f"[{name}] loaded" in printed
     assert "trained with --perceptual-weight 0.5; pass --retrain vae" in printed  # this run asked for 0.0
     assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+
+
+def test_busy_cores_sees_a_spinning_process():
+    import multiprocessing
+    import os
+
+    example = load_example()
+    if example.busy_cores() is None:
+        pytest.skip("no /proc/stat")
+    spinner = multiprocessing.get_context("spawn").Process(target=_spin, args=(3.0,))
+    spinner.start()
+    try:
+        time.sleep(0.5)
+        busy = example.busy_cores(seconds=0.5)
+    finally:
+        spinner.terminate()
+        spinner.join()
+    assert 0.6 <= busy <= (os.cpu_count() or 1)
+
+
+def _spin(seconds):
+    end = time.time() + seconds
+    while time.time() < end:
+        pass
 
 
 def test_digit_in_text():
