@@ -13,13 +13,15 @@ Where the time goes on a CPU, and what this module does about it:
   the scores of a chunk of batch items, a fused Numba pass turns them into
   probabilities in place, BLAS applies them; backward recomputes each chunk's
   probabilities from the saved log-sum-exp.
-* Norms, softmax and AdamW are single fused parallel passes over rows.
+* Norms, softmax, activations and AdamW are single fused passes over rows,
+  with exp computed by a polynomial LLVM can vectorise (_exp_into).
 
 Two thread pools on two cores fight: Numba's parallel loops and OpenBLAS's
 threads each spin while waiting for work, so alternating between them many
 times per call costs far more than it gains. The convolution therefore runs
 its (cheap) data movement in plain serial Numba and lets BLAS use the cores;
-everything without BLAS inside runs in Numba's parallel loops (`prange`).
+everything without BLAS inside is written as Numba parallel loops (`prange`),
+which run on all threads only for arrays of 2M elements or more (_run).
 
 For the same reason this module asks OpenMP (Numba's default threading layer)
 to let idle threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless
