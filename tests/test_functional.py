@@ -350,6 +350,27 @@ def test_attention_broadcasts_leading_dims():
     assert gradcheck(lambda q, k, v: sdpa(q, k, v, attn_mask=mask), [q, k, v])
 
 
+@given(case=attention_cases())
+def test_attention_with_dropout(case):
+    """dropout_p > 0 runs the composed form: with a vanishing p it is the fused result (masks,
+    causal, fully masked rows -> 0), with a fixed seed it passes a gradient check, and averaged
+    over seeds it keeps the expected output (inverted dropout)."""
+    rng = np.random.default_rng(case["seed"])
+    b, sq, sk = case["batch"], case["sq"], case["sk"]
+    q, k, v = rand(rng, *b, sq, case["d"]), rand(rng, *b, sk, case["d"]), rand(rng, *b, sk, case["dv"])
+    options = dict(attn_mask=make_mask(rng, case), is_causal=case["is_causal"], scale=case["scale"])
+    fused = sdpa(q, k, v, **options).numpy()
+    close(sdpa(q, k, v, dropout_p=1e-12, **options), fused, tol=1e-9)
+
+    def dropped(q, k, v, seed=0):
+        tinysd.manual_seed(seed)
+        return sdpa(q, k, v, dropout_p=0.3, **options)
+
+    assert gradcheck(dropped, [q, k, v])
+    mean = np.mean([dropped(q, k, v, seed).numpy() for seed in range(300)], axis=0)
+    np.testing.assert_allclose(mean, fused, atol=0.25 * max(1.0, np.abs(fused).max()))
+
+
 # ---- activations ----------
 
 small_shapes = array_shapes(min_dims=1, max_dims=3, max_side=4)
@@ -603,7 +624,7 @@ bad_inputs = [
     (lambda: sdpa(z(2, 4, 8), z(3, 5, 8), z(3, 5, 8)), r"leading dims .* cannot be broadcast"),
     (lambda: sdpa(z(2, 4, 8), z(2, 5, 8), z(2, 5, 8), attn_mask=np.ones((4, 4), bool)),
      r"attn_mask of shape \(4, 4\) cannot be broadcast to \(\.\.\., Sq, Sk\) = \(2, 4, 5\)"),
-    (lambda: sdpa(z(1, 2, 2), z(1, 2, 2), z(1, 2, 2), dropout_p=0.1), r"dropout_p=0.1 is not"),
+    (lambda: sdpa(z(1, 2, 2), z(1, 2, 2), z(1, 2, 2), dropout_p=1.0), r"dropout_p must be in \[0, 1\), got 1.0"),
     (lambda: F.cross_entropy(z(3, 4), np.array([0, 4, 1])),
      r"cross_entropy: targets must be class indices in \[0, 4\), got values in \[0, 4\]"),
     (lambda: F.cross_entropy(z(3, 4), np.array([0, -1, 1])), r"got values in \[-1, 1\]"),

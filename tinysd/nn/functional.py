@@ -471,12 +471,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     scale defaults to 1 / sqrt(D). attn_mask: bool (True = may attend) or an additive
     float mask, broadcastable to (..., Sq, Sk). is_causal applies the top-left aligned
     lower-triangular mask tril(ones(Sq, Sk)) (and may be combined with attn_mask).
-    Dropout on the attention weights is not implemented: dropout_p must be 0
-    (models apply dropout to the attention output instead).
+    dropout_p > 0 drops attention weights (inverted dropout, as PyTorch does whenever
+    dropout_p > 0: pass 0 for evaluation). That runs the composed form of ops, which keeps
+    the (B, Sq, Sk) weights for backward; the fused kernel, used when dropout_p == 0, does not.
     """
     op = "scaled_dot_product_attention"
-    if dropout_p:
-        raise ValueError(f"{op}: dropout_p={dropout_p} is not supported (only 0.0); apply dropout to the output")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
     _check_float(op, query=query, key=key, value=value)
     if min(query.ndim, key.ndim, value.ndim) < 2:
         raise ValueError(f"{op}: query, key, value must be (..., S, D), got {query.shape}, {key.shape}, {value.shape}")
@@ -501,8 +502,27 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q, k, v = as_batch(query), as_batch(key), as_batch(value)
     mask = _additive_mask(attn_mask, batch, sq, sk, query.data)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    out = Attention.apply(q, k, v, mask=mask, scale=scale, is_causal=bool(is_causal))
+    if dropout_p:
+        out = _attention_with_dropout(q, k, v, mask, scale, bool(is_causal), dropout_p)
+    else:
+        out = Attention.apply(q, k, v, mask=mask, scale=scale, is_causal=bool(is_causal))
     return out.reshape(*batch, sq, dv)
+
+
+def _attention_with_dropout(q, k, v, mask, scale, is_causal, p):
+    """dropout(softmax(scale q k^T + mask), p) v from differentiable ops, on (B, S, E) tensors.
+
+    Masked keys get a large finite negative score instead of -inf (exp gives exactly 0 either
+    way), and a query that sees no key gets output 0, as in the fused kernel, not nan."""
+    xp = backend.array_module(q.data)
+    sq, sk = q.shape[1], k.shape[1]
+    total = xp.zeros((1, sq, sk), q.dtype) if mask is None else mask
+    if is_causal:
+        total = total + xp.where(xp.tril(xp.ones((sq, sk), bool)), 0.0, -xp.inf).astype(q.dtype)
+    visible = (total > -xp.inf).any(axis=-1, keepdims=True).astype(q.dtype)
+    finite = xp.where(total > -xp.inf, total, -0.5 * xp.finfo(q.dtype).max).astype(q.dtype)
+    weights = ops.softmax((q @ k.transpose(1, 2)) * scale + Tensor(finite), -1) * Tensor(visible)
+    return dropout(weights, p) @ v
 
 
 # ---- activations ----------
