@@ -255,6 +255,32 @@ def test_interpolate_nearest(kernel_backend, shape, sh, sw, seed):
     assert check_grad(lambda t: F.interpolate(t, scale_factor=(sh, sw)), [x], kernel_backend)
 
 
+def bilinear_np(x, sh, sw):
+    """Bilinear upsampling (align_corners=False) pixel by pixel: each output pixel samples the
+    input at ((i + 0.5) / s - 0.5, (j + 0.5) / s - 0.5), clamped to the image, and blends 4 pixels."""
+    n, c, h, w = x.shape
+    out = np.zeros((n, c, h * sh, w * sw))
+    for i in range(h * sh):
+        for j in range(w * sw):
+            y, z = max((i + 0.5) / sh - 0.5, 0.0), max((j + 0.5) / sw - 0.5, 0.0)
+            y0, z0 = int(y), int(z)
+            y1, z1, ty, tz = min(y0 + 1, h - 1), min(z0 + 1, w - 1), y - y0, z - z0
+            out[:, :, i, j] = ((1 - ty) * ((1 - tz) * x[:, :, y0, z0] + tz * x[:, :, y0, z1])
+                               + ty * ((1 - tz) * x[:, :, y1, z0] + tz * x[:, :, y1, z1]))
+    return out
+
+
+@given(shape=array_shapes(min_dims=4, max_dims=4, max_side=3), sh=st.integers(1, 3), sw=st.integers(1, 3),
+       seed=seeds)  # fmt: skip
+def test_interpolate_bilinear(shape, sh, sw, seed):
+    x = rand(np.random.default_rng(seed), *shape)
+    close(F.interpolate(x, scale_factor=(sh, sw), mode="bilinear"), bilinear_np(x.numpy(), sh, sw))
+    assert gradcheck(lambda t: F.interpolate(t, scale_factor=(sh, sw), mode="bilinear"), [x])
+    row = tinysd.tensor(np.array([[[[0.0, 1.0]]]], np.float32))  # PyTorch gives [0, 0.25, 0.75, 1]
+    up = F.interpolate(row, scale_factor=(1, 2), mode="bilinear")
+    assert up.dtype == np.float32 and up.numpy().tolist() == [[[[0.0, 0.25, 0.75, 1.0]]]]
+
+
 def test_interpolate_accepts_float_integer_scale():
     x = tinysd.tensor(np.arange(4.0).reshape(1, 1, 2, 2))
     close(F.interpolate(x, scale_factor=2.0), np.arange(4.0).reshape(2, 2).repeat(2, 0).repeat(2, 1)[None, None])
@@ -612,7 +638,7 @@ bad_inputs = [
     (lambda: F.conv_transpose2d(z(1, 1, 1, 1), z(1, 1, 1, 1), padding=1), r"gives an empty output \(-1, -1\)"),
     (lambda: F.max_pool2d(z(1, 1, 4, 4), 2, padding=2), r"max_pool2d: padding \(2, 2\) must be at most half"),
     (lambda: F.avg_pool2d(z(1, 1, 1, 1), 4), r"avg_pool2d: kernel 4x4 .* larger than the padded input 1x1"),
-    (lambda: F.interpolate(z(1, 1, 2, 2), 2, mode="bilinear"), r"interpolate: only mode='nearest'"),
+    (lambda: F.interpolate(z(1, 1, 2, 2), 2, mode="bicubic"), r"interpolate: mode must be 'nearest' or 'bilinear'"),
     (lambda: F.interpolate(z(1, 1, 2, 2), 1.5), r"interpolate: scale_factor must be a positive integer"),
     (lambda: F.group_norm(z(2, 4, 3), 3), r"group_norm: num_groups=3 must divide the 4 channels of input \(2, 4, 3\)"),
     (lambda: F.group_norm(z(2, 4, 3), 2, z(3)), r"group_norm: weight must have shape \(4,\), got \(3,\)"),

@@ -318,16 +318,39 @@ class UpsampleNearest2d(Function):
 
 
 def interpolate(x, scale_factor=2, mode="nearest"):
-    """Nearest-neighbour upsampling of (N, C, H, W) by integer factors -> (N, C, H sh, W sw)."""
+    """Upsample (N, C, H, W) by integer factors -> (N, C, H sh, W sw).
+
+    mode "nearest" repeats each pixel; "bilinear" (PyTorch's align_corners=False) blends
+    the two nearest input pixels along each axis, see _linear_weights.
+    """
     op = "interpolate"
-    if mode != "nearest":
-        raise ValueError(f"{op}: only mode='nearest' is supported, got {mode!r}")
+    if mode not in ("nearest", "bilinear"):
+        raise ValueError(f"{op}: mode must be 'nearest' or 'bilinear', got {mode!r}")
     _check_float(op, input=x)
     _check_ndim(op, "input", x, 4)
     factors = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor, scale_factor)
     if len(factors) != 2 or not all(float(f) == int(f) and int(f) >= 1 for f in factors):
         raise ValueError(f"{op}: scale_factor must be a positive integer or a pair of them, got {scale_factor!r}")
-    return UpsampleNearest2d.apply(x, scale=(int(factors[0]), int(factors[1])))
+    sh, sw = int(factors[0]), int(factors[1])
+    if mode == "nearest":
+        return UpsampleNearest2d.apply(x, scale=(sh, sw))
+    rows = Tensor(_linear_weights(x.shape[2], sh, x.data))  # (H sh, H)
+    cols = Tensor(_linear_weights(x.shape[3], sw, x.data))  # (W sw, W)
+    return rows @ x @ cols.T  # a linear map of x: autograd gives rows^T g cols
+
+
+def _linear_weights(size, scale, like):
+    """The (size * scale, size) matrix of 1-D linear interpolation, align_corners=False:
+    output i samples the input at s = (i + 0.5) / scale - 0.5 (clamped at 0), mixing
+    pixels floor(s) and floor(s) + 1 (clamped at the end) with weights 1 - t and t, t = s - floor(s)."""
+    xp = backend.array_module(like)
+    s = np.maximum((np.arange(size * scale) + 0.5) / scale - 0.5, 0.0)
+    low = np.floor(s).astype(int)
+    high, t = np.minimum(low + 1, size - 1), s - low
+    weights = np.zeros((size * scale, size))
+    np.add.at(weights, (np.arange(size * scale), low), 1 - t)
+    np.add.at(weights, (np.arange(size * scale), high), t)
+    return xp.asarray(weights.astype(like.dtype))
 
 
 def pad(x, pad, mode="constant", value=0.0):
