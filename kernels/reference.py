@@ -323,16 +323,21 @@ def layer_norm_backward(dy, x, mean, rstd, weight):
 
 
 # ---- attention ----------------------------------------------------------------
+def attention_bias(mask, sq, sk, is_causal, like):
+    """What attention adds to the scores: the additive mask (or 0), and -inf above the
+    diagonal when causal (key j > query i). Shape (1 or B, Sq, Sk), like's dtype."""
+    xp = array_module(like)
+    bias = xp.zeros((1, sq, sk), like.dtype) if mask is None else mask
+    if is_causal:
+        bias = xp.where(xp.tril(xp.ones((sq, sk), dtype=bool)), bias, -xp.inf).astype(like.dtype)
+    return bias
+
+
 def attention_scores(q, k, mask, scale, is_causal):
-    """s = scale * q @ k^T + mask, with -inf above the diagonal when causal (key j > query i)."""
+    """s = scale * q @ k^T + attention_bias(mask, is_causal)."""
     xp = array_module(q)
     s = scale * xp.matmul(q, k.transpose(0, 2, 1))
-    if mask is not None:
-        s = s + mask
-    if is_causal:
-        sq, sk = s.shape[-2:]
-        s = xp.where(xp.tril(xp.ones((sq, sk), dtype=bool)), s, -xp.inf)
-    return s
+    return s + attention_bias(mask, s.shape[-2], s.shape[-1], is_causal, q)
 
 
 def _probabilities(s, lse):

@@ -538,10 +538,7 @@ def _attention_with_dropout(q, k, v, mask, scale, is_causal, p):
     Masked keys get a large finite negative score instead of -inf (exp gives exactly 0 either
     way), and a query that sees no key gets output 0, as in the fused kernel, not nan."""
     xp = backend.array_module(q.data)
-    sq, sk = q.shape[1], k.shape[1]
-    total = xp.zeros((1, sq, sk), q.dtype) if mask is None else mask
-    if is_causal:
-        total = total + xp.where(xp.tril(xp.ones((sq, sk), bool)), 0.0, -xp.inf).astype(q.dtype)
+    total = kernels.load("reference").attention_bias(mask, q.shape[1], k.shape[1], is_causal, q.data)
     visible = (total > -xp.inf).any(axis=-1, keepdims=True).astype(q.dtype)
     finite = xp.where(total > -xp.inf, total, -0.5 * xp.finfo(q.dtype).max).astype(q.dtype)
     weights = ops.softmax((q @ k.transpose(1, 2)) * scale + Tensor(finite), -1) * Tensor(visible)
