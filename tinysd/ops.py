@@ -37,19 +37,19 @@ def _pair(a, b):
     a_number, b_number = not isinstance(a, Tensor), not isinstance(b, Tensor)
     if a_number:
         a = as_tensor(a, b)
-    if not isinstance(b, Tensor):
+    if b_number:
         b = as_tensor(b, a)
-    if a.dtype.kind in "biu" and b.dtype.kind == "f":
-        a = _as_float(a, np.float32 if b_number else b.dtype)
-        b = _as_float(b, a.dtype) if b_number else b
-    elif b.dtype.kind in "biu" and a.dtype.kind == "f":
-        b = _as_float(b, np.float32 if a_number else a.dtype)
-        a = _as_float(a, b.dtype) if a_number else a
+    kinds = a.dtype.kind + b.dtype.kind
+    if "f" in kinds and kinds != "ff":  # one integer (or bool) side, one float side
+        floating, number = (a, a_number) if a.dtype.kind == "f" else (b, b_number)
+        dtype = np.float32 if number else floating.dtype
+        a, b = _as_float(a, dtype), _as_float(b, dtype)
     return a, b
 
 
 def _as_float(t, dtype):
-    """An integer (or bool) tensor, or a wrapped Python number, as floats of `dtype` (no gradient to keep)."""
+    """t as floats of `dtype`: t is an integer (or bool) tensor or a wrapped Python number, which carry
+    no gradient, or already of `dtype` (returned as is)."""
     return t if t.dtype == dtype else Tensor(t.data.astype(dtype))
 
 
