@@ -5,9 +5,14 @@
     python examples/mnist_digits.py --prompt "the number 3" --samples-per-digit 100
 
 Stages, each saved to `--out` as a safetensors checkpoint and skipped on the
-next run when its checkpoint is there (`--retrain STAGE` or `--retrain all`
-redoes it; Ctrl-C mid-stage keeps every finished checkpoint and the stage's
-resume file, so rerunning picks up where it stopped):
+next run when its checkpoint is there and fits this run (`--retrain STAGE`
+redoes it and the stages that depend on it; `--retrain all` redoes all). A
+checkpoint records its data's checksum and what produced it (budget, seed,
+data, the checksums of the upstream checkpoints it was trained on); one that is
+damaged or came from other settings is refused with a message naming the file,
+never used. Ctrl-C or a crash mid-stage keeps every finished checkpoint and the
+stage's resume file, and the rerun continues exactly where it stopped: it ends
+with the same weights and samples, bit for bit, as a run never interrupted.
 
   1. classifier  the lesson's "magic function" f(x) = p(digit | image); it also scores the samples
   2. vae         compresses 1x32x32 digits to 4x8x8 latents and back
@@ -43,9 +48,35 @@ from tinysd.models import (  # noqa: E402
 from tinysd.pipeline import TextToImage  # noqa: E402
 from tinysd.schedulers import DDIMScheduler, DDPMScheduler  # noqa: E402
 from tinysd.tokenizer import DIGIT_WORDS, Tokenizer, digit_captions  # noqa: E402
-from tinysd.training import epoch_batches, train  # noqa: E402
+from tinysd.training import NonFiniteError, ResumeMismatchError, epoch_batches, train  # noqa: E402
 
 STAGES = ("classifier", "vae", "clip", "unet")
+
+
+class JobError(Exception):
+    """A problem the user can fix (a checkpoint that does not fit, a NaN loss): printed without a traceback."""
+
+
+def upstream_of(stage, args):
+    """The stages whose checkpoints `stage` is trained on (the VAE reads the classifier only
+    for the perceptual loss; the UNet trains on the VAE's latents and CLIP's text states)."""
+    return {"classifier": (), "vae": ("classifier",) if args.perceptual_weight else (),
+            "clip": (), "unet": ("vae", "clip")}[stage]
+
+
+def stages_to_retrain(asked, args):
+    """The stages asked for plus every stage downstream of them."""
+    todo = set(STAGES) if "all" in asked else set(asked)
+    for stage in STAGES:  # in training order, so upstream stages are settled first
+        if todo & set(upstream_of(stage, args)):
+            todo.add(stage)
+    return todo
+
+
+def stage_seed(seed, name):
+    """A stage's own random stream, from the run's seed and the stage's name: a stage draws the
+    same numbers whether the stages before it were trained now or loaded from checkpoints."""
+    return int(np.random.SeedSequence([seed, *name.encode()]).generate_state(1)[0])
 
 # Training budgets, chosen by measurement on a 2-core CPU (see the README for why).
 FULL = dict(
@@ -81,24 +112,82 @@ def busy_cores(seconds=0.3):
     return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / elapsed) if elapsed > 0 else 0.0
 
 
+def int_in(low, high=None):
+    """An argparse type: an int in [low, high] (no upper bound when high is None)."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: expected {low}..{high or 'any'}")
+        return value
+
+    return parse
+
+
+def finite_float(low):
+    """An argparse type: a finite float >= low (not NaN, not infinite)."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not np.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number >= {low}")
+        return value
+
+    return parse
+
+
+def nonempty_text(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty prompt; the empty prompt is already the unconditional one")
+    return text
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default="runs/mnist_digits", help="folder for checkpoints and outputs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run in about a minute")
-    p.add_argument("--prompt", action="append", default=[], help="extra free-text prompt (repeatable)")
-    p.add_argument("--samples-per-digit", type=int, default=10)
-    p.add_argument("--steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--prompt", action="append", default=[], type=nonempty_text,
+                   help="extra free-text prompt (repeatable)")
+    p.add_argument("--samples-per-digit", type=int_in(1), default=10)
+    p.add_argument("--steps", type=int_in(1, 1000), default=25, help="denoising steps (1..1000)")
+    p.add_argument("--guidance", type=finite_float(0.0), default=3.0, help="classifier-free guidance scale")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"])
-    p.add_argument("--retrain", action="append", default=[], choices=[*STAGES, "all"])
+    p.add_argument("--retrain", action="append", default=[], choices=[*STAGES, "all"],
+                   help="train STAGE again, and the stages that depend on it (repeatable)")
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion"])
-    p.add_argument("--perceptual-weight", type=float, default=0.0,
+    p.add_argument("--perceptual-weight", type=finite_float(0.0), default=0.0,
                    help="add this times F.perceptual_loss (the classifier's feature maps) to the VAE's loss")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int_in(1, 1024), default=None,
                    help="CPU threads (default: all cores); on a busy machine fewer is faster, see README")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if problem := check_out_folder(args.out):
+        p.error(f"argument --out: {problem}")
+    if args.device == "cuda" and not tinysd.cuda.is_available():
+        p.error("argument --device: cuda was asked for, but CuPy or a GPU is not available")
+    return args
+
+
+def check_out_folder(out):
+    """Why `out` cannot hold this run's files (None if it can): it must be a writable folder.
+    Found now, not after ten minutes of training."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        return f"{out} exists and is not a folder"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        io.atomic_write(out / ".write-test", b"")
+        (out / ".write-test").unlink()
+    except OSError as err:
+        return f"cannot write into {out}: {err.strerror or err}"
+    return None
 
 
 class Run:
@@ -110,8 +199,11 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = args.device
         self.budget = QUICK if args.quick else FULL
-        self.retrain = set(STAGES) if "all" in args.retrain else set(args.retrain)
+        self.retrain = stages_to_retrain(args.retrain, args)
         self.metrics = {}
+        self.checksums = {}  # stage -> SHA-256 of its checkpoint's data, for the stages downstream
+        if swept := io.sweep_temp_files(self.out):
+            print(f"removed {len(swept)} temporary file(s) left by an interrupted write: {', '.join(swept)}")
         images, self.train_labels = load_dataset(args.dataset, "train")
         test_images, self.test_labels = load_dataset(args.dataset, "test")
         if self.budget["train_subset"]:
@@ -124,26 +216,84 @@ class Run:
     def tensor(self, array):
         return tinysd.tensor(array, device=self.device)
 
+    def begin(self, name):
+        """Start stage `name`: seed its own random stream (models built after this draw from it)."""
+        return tinysd.manual_seed(stage_seed(self.args.seed, name))
+
+    def produced_by(self, name):
+        """What a checkpoint of `name` must have been trained with to fit this run."""
+        record = {"stage": name, "budget": self.budget[name], "seed": self.args.seed, "dataset": self.args.dataset,
+                  "train_subset": self.budget["train_subset"],
+                  "upstream": {up: self.checksums[up] for up in upstream_of(name, self.args)}}
+        if name == "vae":
+            record["perceptual_weight"] = self.args.perceptual_weight
+        return record
+
     def stage(self, name, model, fit):
-        """Load `name`'s checkpoint if it exists (and no retrain was asked), else fit and save it."""
+        """Load `name`'s checkpoint if it exists and fits this run (and no retrain was asked), else fit and save it."""
         path = self.out / f"{name}.safetensors"
         resume = self.out / f"{name}.resume.safetensors"
+        produced_by = self.produced_by(name)
         if path.exists() and name not in self.retrain:
-            model.load_state_dict(io.load_file(path))
-            summary = json.loads(io.load_metadata(path).get("summary", "{}"))
+            summary = self.load_checked(name, path, model, produced_by)
             print(f"[{name}] loaded {path}")
         else:
             if name in self.retrain and resume.exists():
                 resume.unlink()
-            summary = fit(str(resume))
-            io.save_file(model.state_dict(), path, metadata={"summary": json.dumps(summary)})
+            fingerprint = json.dumps(produced_by, sort_keys=True)
+            try:
+                summary = fit(str(resume), fingerprint)
+            except NonFiniteError as err:
+                raise JobError(f"{err}\nThe last resume file ({resume}) and every finished stage are kept.") from None
+            except ResumeMismatchError as err:
+                raise JobError(f"{err}; or pass --retrain {name}") from None
+            io.save_file(model.state_dict(), path,
+                         metadata={"summary": json.dumps(summary), "produced_by": json.dumps(produced_by)})
+            io.crash_point(f"{name} saved")
             if resume.exists():
                 resume.unlink()
             details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
             print(f"[{name}] {details}")
+        self.checksums[name] = io.stored_checksum(path)
         self.metrics[name] = summary
         model.eval()
         return summary
+
+    def load_checked(self, name, path, model, produced_by):
+        """Load a checkpoint only if it is whole and was produced as this run would produce it."""
+        fix = (f"Pass --retrain {name} to train it again (the stages that depend on it are retrained too), "
+               f"or choose another --out.")
+        try:
+            state, metadata = io.load_file(path), io.load_metadata(path)
+        except ValueError as err:
+            raise JobError(f"{err}\n{fix}") from None
+        if "produced_by" not in metadata:
+            raise JobError(f"{path} does not record what produced it (written by an older tinysd?).\n{fix}")
+        differences = describe_differences(json.loads(metadata["produced_by"]), produced_by)
+        if differences:
+            raise JobError(f"{path} does not fit this run: {'; '.join(differences)}.\n{fix}")
+        try:
+            model.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise JobError(f"{path} does not fit this model: {err}\n{fix}") from None
+        return json.loads(metadata.get("summary", "{}"))
+
+
+def describe_differences(saved, wanted):
+    """What differs between the record a checkpoint carries and what this run would train, in words."""
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if a == b:
+            continue
+        if key == "upstream":
+            for up in sorted(set(a or {}) | set(b or {})):
+                if up in (a or {}) and up in (b or {}) and a[up] != b[up]:
+                    out.append(f"it was trained on another {up}.safetensors than the one this run uses "
+                               f"({up} was retrained or replaced since)")
+        else:
+            out.append(f"{key} was {json.dumps(a)}, this run has {json.dumps(b)}")
+    return out
 
 
 def batches_of(run, cfg):
@@ -162,16 +312,17 @@ def evaluate_in_batches(fn, images, batch=500):
 
 # ---- stage 1: the classifier (the magic function) ----------------------------------------------
 def stage_classifier(run):
+    run.begin("classifier")
     model = DigitClassifier().to(run.device)
     cfg = run.budget["classifier"]
 
     def loss_fn(idx):
         return F.cross_entropy(model(run.tensor(run.train_images[idx])), run.tensor(run.train_labels[idx]))
 
-    def fit(resume):
+    def fit(resume, fingerprint):
         opt = optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=1e-4)
         s = train(model, opt, loss_fn, batches_of(run, cfg), cfg["steps"], lr_at=warmup_cosine(cfg),
-                  resume_path=resume, desc="classifier", batch_size=cfg["batch"])
+                  resume_path=resume, fingerprint=fingerprint, desc="classifier", batch_size=cfg["batch"])
         model.eval()
         s["test_accuracy"] = classifier_accuracy(run, model, run.test_images, run.test_labels)
         return s
@@ -187,6 +338,7 @@ def classifier_accuracy(run, model, images, labels):
 
 # ---- stage 2: the VAE --------------------------------------------------------------------------
 def stage_vae(run, classifier):
+    run.begin("vae")
     model = AutoencoderKL().to(run.device)
     cfg = run.budget["vae"]
     perceptual = run.args.perceptual_weight
@@ -202,10 +354,10 @@ def stage_vae(run, classifier):
             loss = loss + perceptual * F.perceptual_loss(recon, x, classifier.feature_maps)
         return loss
 
-    def fit(resume):
+    def fit(resume, fingerprint):
         opt = optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
         s = train(model, opt, loss_fn, batches_of(run, cfg), cfg["steps"], lr_at=warmup_cosine(cfg),
-                  resume_path=resume, desc="vae", batch_size=cfg["batch"])
+                  resume_path=resume, fingerprint=fingerprint, desc="vae", batch_size=cfg["batch"])
         model.eval()
         recon = evaluate_in_batches(lambda x: model.decode(model.encode(run.tensor(x)).mode()).numpy(),
                                     run.test_images)
@@ -217,9 +369,6 @@ def stage_vae(run, classifier):
         return s
 
     summary = run.stage("vae", model, fit)
-    if summary.get("perceptual_weight", 0.0) != perceptual:
-        print(f"[vae] the checkpoint was trained with --perceptual-weight {summary.get('perceptual_weight', 0.0)}; "
-              f"pass --retrain vae to train with {perceptual}")
     model.scaling_factor = summary["scaling_factor"]
     return model
 
@@ -236,9 +385,9 @@ def encode_latents(run, vae, images):
 
 # ---- stage 3: CLIP -----------------------------------------------------------------------------
 def stage_clip(run, tokenizer):
+    rng = run.begin("clip")  # the captions are drawn from the stage's stream too
     model = CLIPModel(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length).to(run.device)
     cfg = run.budget["clip"]
-    rng = np.random.default_rng(run.args.seed + 3)
 
     def loss_fn(idx):
         labels = run.train_labels[idx]
@@ -246,11 +395,11 @@ def stage_clip(run, tokenizer):
         positives = labels[:, None] == labels[None, :]  # captions of the same digit are matches too
         return model(run.tensor(ids), run.tensor(run.train_images[idx]), positives=positives)
 
-    def fit(resume):
+    def fit(resume, fingerprint):
         opt = optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
         # Clipping the gradient norm at 1.0 keeps contrastive training from collapsing to loss ln(batch).
-        s = train(model, opt, loss_fn, batches_of(run, cfg), cfg["steps"], lr_at=warmup_cosine(cfg),
-                  clip_norm=1.0, resume_path=resume, desc="clip", batch_size=cfg["batch"])
+        s = train(model, opt, loss_fn, batches_of(run, cfg), cfg["steps"], lr_at=warmup_cosine(cfg), clip_norm=1.0,
+                  resume_path=resume, fingerprint=fingerprint, generator=rng, desc="clip", batch_size=cfg["batch"])
         model.eval()
         s["zero_shot_test_accuracy"] = clip_zero_shot_accuracy(run, model, tokenizer)
         return s
@@ -271,16 +420,16 @@ def clip_zero_shot_accuracy(run, model, tokenizer):
 
 # ---- stage 4: the latent UNet --------------------------------------------------------------------
 def stage_unet(run, vae, clip, tokenizer):
+    rng = run.begin("unet")  # captions, dropout, noise and timesteps come from the stage's stream
     model = UNet2DConditionModel(cross_attention_dim=clip.text_model.width).to(run.device)
     cfg = run.budget["unet"]
     scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False)
 
-    def fit(resume):
+    def fit(resume, fingerprint):
         latents = encode_latents(run, vae, run.train_images)
         captions, caption_of = caption_bank(tokenizer)
         with tinysd.no_grad():
             states = clip.text_model(run.tensor(tokenizer(captions)))[0].numpy()  # (K, S, width)
-        rng = np.random.default_rng(run.args.seed + 4)
         T = scheduler.num_train_timesteps
 
         def loss_fn(idx):
@@ -297,7 +446,8 @@ def stage_unet(run, vae, clip, tokenizer):
         ema = optim.EMA(model, decay=0.999)
         opt = optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
         s = train(model, opt, loss_fn, batches_of(run, cfg), cfg["steps"], lr_at=warmup_cosine(cfg),
-                  clip_norm=1.0, ema=ema, resume_path=resume, desc="unet", batch_size=cfg["batch"])
+                  clip_norm=1.0, ema=ema, resume_path=resume, fingerprint=fingerprint, generator=rng,
+                  desc="unet", batch_size=cfg["batch"])
         ema.copy_to(model)
         return s
 
@@ -334,7 +484,8 @@ def sample_and_score(run, pipe, classifier):
     images = np.concatenate(images)  # (N, 1, 32, 32) in [0, 1]
     sample_s = time.perf_counter() - t0
     digits = images[:, 0, 2:30, 2:30].astype(np.float32)
-    np.savez(run.out / "samples.npz", images=digits, labels=labels, prompts=np.array(prompts))
+    with io.atomic_file(run.out / "samples.npz") as f:
+        np.savez(f, images=digits, labels=labels, prompts=np.array(prompts))
 
     as_input = images * 2 - 1
     predicted = evaluate_in_batches(lambda x: classifier(run.tensor(x)).numpy(), as_input).argmax(1)
@@ -381,7 +532,8 @@ def save_grid(path, digits, prompts, per_row, scale=2):
         for c in range(cols):
             tile = Image.fromarray((255 - digits[r * per_row + c] * 255).astype(np.uint8)).resize((cell, cell))
             grid.paste(tile, (label_w + c * cell, r * cell))
-    grid.save(path)
+    with io.atomic_file(path) as f:
+        grid.save(f, format="PNG")
 
 
 def save_denoising_gif(run, pipe, scale=2):
@@ -397,10 +549,12 @@ def save_denoising_gif(run, pipe, scale=2):
 
     pipe([digit_prompt(d) for d in range(10)], num_inference_steps=run.args.steps,
          guidance_scale=run.args.guidance, seed=run.args.seed, callback=keep, progress=False)
-    frames[0].save(run.out / "denoise.gif", save_all=True, append_images=frames[1:] + [frames[-1]] * 8, duration=80)
+    with io.atomic_file(run.out / "denoise.gif") as f:
+        frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:] + [frames[-1]] * 8, duration=80)
 
 
 def main(argv=None):
+    """Run the job; problems the user can fix raise JobError (the command line prints it without a traceback)."""
     args = parse_args(argv)
     if args.threads:
         tinysd.set_num_threads(args.threads)
@@ -409,7 +563,6 @@ def main(argv=None):
         # (measured: the VAE stage took 107 s alone, 492 s next to a test run).
         print(f"[threads] other programs keep {busy:.1f} of {os.cpu_count()} cores busy; "
               f"if training is slow, try --threads 1")
-    tinysd.manual_seed(args.seed)
     start = time.perf_counter()
     run = Run(args)
     tokenizer = Tokenizer()
@@ -420,10 +573,10 @@ def main(argv=None):
     scheduler_cls = DDIMScheduler if args.scheduler == "ddim" else DDPMScheduler
     scheduler = scheduler_cls(beta_schedule="squaredcos_cap_v2", clip_sample=False)
     pipe = TextToImage(vae, tokenizer, clip.text_model, unet, scheduler)
+    run.begin("sample")
     sample_and_score(run, pipe, classifier)
     run.metrics["total_wall_s"] = time.perf_counter() - start
-    with open(run.out / "metrics.json", "w") as f:
-        json.dump(run.metrics, f, indent=2)
+    io.write_json(run.out / "metrics.json", run.metrics)
     s = run.metrics["samples"]
     print(f"[samples] {s['count']} in {s['wall_s']:.1f}s, accuracy {s['accuracy']}, "
           f"Frechet distance {s['frechet_distance_classifier_features']:.3f}; total {run.metrics['total_wall_s']:.0f}s")
@@ -431,4 +584,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except JobError as err:
+        sys.exit(f"mnist_digits: {err}")

@@ -65,12 +65,16 @@ def test_second_run_skips_finished_stages(quick_run, capsys, monkeypatch):
     example, out = quick_run
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
     monkeypatch.setattr(example, "busy_cores", lambda: 1.2)
-    example.main(["--quick", "--out", str(out), "--samples-per-digit", "1", "--steps", "2"])
+    example.main(["--quick", "--out", str(out), "--samples-per-digit", "1", "--steps", "2",
+                  "--perceptual-weight", "0.5"])
     printed = capsys.readouterr().out
     assert "keep 1.2 of" in printed and "--threads 1" in printed
     for name in ("classifier", "vae", "clip", "unet"):
         assert f"[{name}] loaded" in printed
-    assert "trained with --perceptual-weight 0.5; pass --retrain vae" in printed  # this run asked for 0.0
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    with pytest.raises(example.JobError, match=r"vae.safetensors does not fit this run: perceptual_weight was 0.5, "
+                                               r"this run has 0.0(.|\n)*--retrain vae"):
+        example.main(["--quick", "--out", str(out), "--samples-per-digit", "1", "--steps", "2"])
     assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import io
+
 try:  # NumPy 2 moved the private module; old pickles still name numpy.core
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # pragma: no cover - NumPy 1.x
@@ -211,16 +213,8 @@ def _find_mnist_pickle(tmp):
 def _write_npz_atomically(path, arrays):
     """Write arrays to `path` via a temporary file and a rename, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with io.atomic_file(path) as f:
+        np.savez(f, **arrays)
 
 
 def _read_cache(path, split):

@@ -172,15 +172,21 @@ class AdamW(Optimizer):
         )
 
 
+def grad_norm(params):
+    """sqrt(sum over parameters of sum(grad^2)) as a float (0.0 when no parameter has a gradient);
+    NaN or infinite when any gradient element is."""
+    grads = [p.grad.data for p in params if p.grad is not None]
+    return math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
+
+
 def clip_grad_norm_(params, max_norm):
     """Scale all gradients by max_norm / total_norm when the total L2 norm is above max_norm.
 
     total_norm = sqrt(sum over parameters of sum(grad^2)); returns it (before clipping) as a float.
     """
+    params = list(params)
+    total = grad_norm(params)
     grads = [p.grad.data for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    total = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
     scale = max_norm / (total + 1e-6)
     if scale < 1.0:
         for g in grads:
