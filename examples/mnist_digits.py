@@ -236,6 +236,8 @@ class Run:
         produced_by = self.produced_by(name)
         if path.exists() and name not in self.retrain:
             summary = self.load_checked(name, path, model, produced_by)
+            if resume.exists():  # left by a crash between saving the checkpoint and removing it
+                resume.unlink()
             print(f"[{name}] loaded {path}")
         else:
             if name in self.retrain and resume.exists():
