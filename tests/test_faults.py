@@ -7,6 +7,7 @@ reads: the process kills itself there (SIGKILL, no cleanup), so each test dies a
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinysd import io
+import tinysd
+from tinysd import io, nn, optim
+from tinysd.training import NonFiniteError, ResumeMismatchError, train
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--quick", "--samples-per-digit", "1", "--steps", "2", "--threads", "1"]
@@ -72,10 +75,22 @@ def results(out):
     return arrays, untimed(json.loads((out / "metrics.json").read_text()))
 
 
-def test_killed_at_every_point_the_rerun_equals_an_uninterrupted_run(tmp_path):
-    done = run_job(tmp_path / "straight")
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The output folder of one uninterrupted quick run."""
+    out = tmp_path_factory.mktemp("straight")
+    done = run_job(out)
     assert done.returncode == 0, done.stderr[-2000:]
-    expected_arrays, expected_metrics = results(tmp_path / "straight")
+    return out
+
+
+def copy_of(folder, tmp_path):
+    shutil.copytree(folder, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def test_killed_at_every_point_the_rerun_equals_an_uninterrupted_run(straight, tmp_path):
+    expected_arrays, expected_metrics = results(straight)
 
     out = tmp_path / "killed"
     for point, (stage, resume_step) in KILL_POINTS:
@@ -96,3 +111,115 @@ def test_killed_at_every_point_the_rerun_equals_an_uninterrupted_run(tmp_path):
     assert metrics == expected_metrics
     leftovers = sorted(p.name for p in out.iterdir() if ".tmp" in p.name or ".resume." in p.name)
     assert not leftovers
+
+
+@pytest.fixture(scope="module")
+def example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mnist_digits", ROOT / "examples" / "mnist_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_checkpoint_with_damaged_data_is_refused_naming_it(example, straight, tmp_path):
+    out = copy_of(straight, tmp_path)
+    data = bytearray((out / "vae.safetensors").read_bytes())
+    data[-100] ^= 0x40  # one bit of one weight
+    (out / "vae.safetensors").write_bytes(bytes(data))
+    with pytest.raises(example.JobError, match=r"vae.safetensors is damaged(.|\n)*--retrain vae"):
+        example.main([*ARGS, "--out", str(out)])
+
+
+def test_quick_checkpoints_are_not_used_by_a_full_run(example, straight, tmp_path):
+    out = copy_of(straight, tmp_path)
+    with pytest.raises(example.JobError,
+                       match=r"classifier.safetensors does not fit this run: budget was .*\"steps\": 20(.|\n)*--retrain"):
+        example.main([a for a in ARGS if a != "--quick"] + ["--out", str(out)])
+
+
+def test_other_seed_or_dataset_is_refused(example, straight, tmp_path):
+    out = copy_of(straight, tmp_path)
+    with pytest.raises(example.JobError, match="seed was 0, this run has 1"):
+        example.main([*ARGS, "--out", str(out), "--seed", "1"])
+
+
+def test_a_unet_trained_on_another_vae_is_refused(example, straight, tmp_path):
+    out = copy_of(straight, tmp_path)
+    path = out / "vae.safetensors"
+    state, metadata = io.load_file(path), io.load_metadata(path)
+    state[sorted(state)[0]] = state[sorted(state)[0]] * 1.5  # a VAE retrained since, with the same settings
+    io.save_file(state, path, metadata)
+    with pytest.raises(example.JobError,
+                       match=r"unet.safetensors does not fit this run: it was trained on another vae.safetensors"):
+        example.main([*ARGS, "--out", str(out)])
+
+
+def test_a_checkpoint_without_its_record_is_refused(example, straight, tmp_path):
+    out = copy_of(straight, tmp_path)
+    io.save_file(io.load_file(out / "clip.safetensors"), out / "clip.safetensors")  # as older tinysd wrote it
+    with pytest.raises(example.JobError, match=r"clip.safetensors does not record what produced it"):
+        example.main([*ARGS, "--out", str(out)])
+
+
+def test_retrain_also_retrains_what_depends_on_it(example):
+    args = example.parse_args(["--quick"])
+    assert example.stages_to_retrain(["vae"], args) == {"vae", "unet"}
+    assert example.stages_to_retrain(["classifier"], args) == {"classifier"}
+    assert example.stages_to_retrain(["clip"], args) == {"clip", "unet"}
+    assert example.stages_to_retrain(["all"], args) == set(example.STAGES)
+    with_perceptual = example.parse_args(["--quick", "--perceptual-weight", "0.3"])
+    assert example.stages_to_retrain(["classifier"], with_perceptual) == {"classifier", "vae", "unet"}
+
+
+def test_a_nan_learning_rate_stops_the_job_before_anything_is_saved(example, tmp_path, monkeypatch):
+    monkeypatch.setitem(example.QUICK, "classifier", {**example.QUICK["classifier"], "lr": float("nan")})
+    with pytest.raises(example.JobError, match="classifier: the learning rate is nan at step 1 of 20"):
+        example.main([*ARGS, "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ---- the training loop on its own ------------------------------------------------------------------
+def tiny_setup():
+    tinysd.manual_seed(0)
+    model = nn.Linear(3, 1)
+    return model, optim.AdamW(model.parameters(), lr=0.1)
+
+
+def test_a_nan_loss_stops_training_at_that_step_and_keeps_the_last_resume_file(tmp_path):
+    model, opt = tiny_setup()
+    x = tinysd.randn(8, 3)
+
+    def loss_fn(step):
+        loss = (model(x) ** 2).mean()
+        return loss * float("nan") if step == 6 else loss
+
+    resume = tmp_path / "r.safetensors"
+    with pytest.raises(NonFiniteError, match=r"train: the loss is nan at step 7 of 10; training stopped"):
+        train(model, opt, loss_fn, lambda step: step, 10, resume_path=str(resume), save_every=2, progress=False)
+    assert io.load_metadata(resume)["step"] == "6"
+    assert all(np.isfinite(v).all() for v in io.load_file(resume).values())
+    assert all(np.isfinite(p.numpy()).all() for p in model.parameters())  # the bad step was not applied
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_an_infinite_gradient_stops_training(tmp_path):
+    model, opt = tiny_setup()
+    x = tinysd.zeros(4, 3)
+
+    def loss_fn(step):  # sqrt at 0: a finite loss with an infinite gradient
+        return (model(x) * 0).abs().sqrt().sum()
+
+    with pytest.raises(NonFiniteError, match=r"the gradient norm is (inf|nan) at step 1 of 3"):
+        train(model, opt, loss_fn, lambda step: step, 3, progress=False)
+
+
+def test_a_resume_file_from_other_settings_is_refused(tmp_path):
+    model, opt = tiny_setup()
+    x = tinysd.randn(8, 3)
+    resume = str(tmp_path / "r.safetensors")
+    kw = dict(resume_path=resume, save_every=2, progress=False)
+    train(model, opt, lambda s: (model(x) ** 2).mean(), lambda s: s, 3, fingerprint="steps=3", **kw)
+    with pytest.raises(ResumeMismatchError, match=r"r.safetensors was written by a run with other settings"):
+        train(model, opt, lambda s: (model(x) ** 2).mean(), lambda s: s, 5, fingerprint="steps=5", **kw)
