@@ -59,6 +59,7 @@ class Optimizer:
                 if name != "step" and backend.device_of(value) != p.device:
                     state[name] = backend.to_device(value, p.device)
             self._update(p, p.grad.data, state)
+            p.bump_version_()
 
     def _update(self, p, grad, state):
         raise NotImplementedError
@@ -239,6 +240,7 @@ class EMA:
         """Overwrite the model's parameters with the averages."""
         for p, shadow in self._pairs(model):
             p.data[...] = shadow
+            p.bump_version_()
 
     @contextlib.contextmanager
     def average_parameters(self, model):
@@ -250,6 +252,7 @@ class EMA:
         finally:
             for p, saved in zip(model.parameters(), backup):
                 p.data[...] = saved
+                p.bump_version_()
 
     def state_dict(self):
         out = {"num_updates": np.array(self.num_updates, dtype=np.int64)}

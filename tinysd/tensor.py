@@ -11,6 +11,13 @@ graph pointing back to the inputs.
 topological order (found iteratively, so a graph 10,000 ops deep is fine),
 adding up gradients where a tensor was used more than once (chain rule:
 dL/dx = sum over uses of dL/dy_k * dy_k/dx).
+
+Version counters (as in PyTorch): every in-place change of a tensor (x[i] = v,
+zero_(), x += y outside a graph, an optimizer step, load_state_dict) adds one
+to its `_version`; tensors sharing memory (detach(), views such as reshape)
+share the counter. A Function notes the versions of the tensors whose arrays
+it saved for backward, and backward raises, naming the op, when one changed
+since: the gradient would silently use the new values.
 """
 
 import contextlib
@@ -102,7 +109,46 @@ class Function:
         if _grad_enabled and any(fn.needs_input_grad):
             out.requires_grad = True
             out._ctx = fn
+        if inputs and getattr(out.data, "base", None) is not None:
+            _share_version_with_viewed_input(out, inputs)
+        if out._ctx is not None and fn.saved:
+            fn.saved_versions = _versions_of_saved(fn.saved, inputs, out)
         return out
+
+
+def _versions_of_saved(saved, inputs, out):
+    """(version counter, version now, which tensor) for each input or output whose memory an
+    array saved for backward views: backward checks the counters did not move."""
+    owners = [(_memory_owner(t.data), t, f"input {i}") for i, t in enumerate(inputs)]
+    owners.append((_memory_owner(out.data), out, "output"))
+    watched = []
+    for array in saved:
+        owner = _memory_owner(array)
+        for tensor_owner, t, which in owners:
+            if owner is tensor_owner:
+                watched.append((t._version, t._version[0], f"its {which} of shape {t.shape}"))
+                break
+    return tuple(watched)
+
+
+def _share_version_with_viewed_input(out, inputs):
+    """A view (reshape, transpose, basic indexing) changes with the tensor it views: one counter for both."""
+    owner = _memory_owner(out.data)
+    for t in inputs:
+        if owner is _memory_owner(t.data):
+            out._version = t._version
+            return
+
+
+def _check_saved_versions(fn):
+    """Raise if a tensor `fn` saved for backward was changed in place after it was saved."""
+    for counter, version, which in getattr(fn, "saved_versions", ()):
+        if counter[0] != version:
+            raise RuntimeError(
+                f"backward: {fn.name} saved {which} for its backward, and it was changed in place since "
+                f"(version {version} then, {counter[0]} now: x[...] = v, zero_(), x += y, an optimizer step "
+                f"or load_state_dict). Its gradient would be wrong; change a copy instead, or run backward first."
+            )
 
 
 def check_same_device(op_name, tensors):
@@ -167,6 +213,7 @@ class Tensor:
         self.data = np.asarray(data) if isinstance(data, np.generic) else data
         self.grad = None
         self._ctx = None  # the Function that produced this tensor, None for leaves
+        self._version = [0]  # in-place changes so far, in a list so views and detach() can share it
         self.requires_grad = False
         if requires_grad:
             self.requires_grad_(True)
@@ -231,8 +278,15 @@ class Tensor:
         return self.numpy().tolist()
 
     def detach(self):
-        """The same values, cut off from the graph."""
-        return Tensor(self.data)
+        """The same values (the same memory, so the same version counter), cut off from the graph."""
+        out = Tensor(self.data)
+        out._version = self._version
+        return out
+
+    def bump_version_(self):
+        """Record an in-place change of the data (code that writes `.data` directly calls this)."""
+        self._version[0] += 1
+        return self
 
     def to(self, target):
         """`to("cuda")`, `to("cpu")` or `to(dtype)`: differentiable, like every op."""
@@ -315,6 +369,7 @@ class Tensor:
                     f"backward: the graph through {fn.name} (output shape {node.shape}) was already freed "
                     "by an earlier backward(); pass retain_graph=True to the first call to go through it twice"
                 )
+            _check_saved_versions(fn)
             in_grads = fn.backward(g)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
@@ -374,6 +429,38 @@ class Tensor:
         if self.requires_grad and _grad_enabled:
             raise RuntimeError("in-place assignment to a tensor that requires grad; wrap it in no_grad()")
         self.data[_raw_index(index)] = value.data if isinstance(value, Tensor) else value
+        self._version[0] += 1
+
+    # x += y: in place when no graph is being recorded through x (under no_grad, or when neither
+    # side requires grad), as PyTorch does; otherwise out of place (x names a new tensor).
+    def __iadd__(self, other):
+        return self._in_place("+=", ops.add, other)
+
+    def __isub__(self, other):
+        return self._in_place("-=", ops.sub, other)
+
+    def __imul__(self, other):
+        return self._in_place("*=", ops.mul, other)
+
+    def __itruediv__(self, other):
+        return self._in_place("/=", ops.div, other)
+
+    def _in_place(self, symbol, op, other):
+        records = _grad_enabled and (self.requires_grad or getattr(other, "requires_grad", False))
+        if records:
+            if self.is_leaf and self.requires_grad:
+                raise RuntimeError(f"x {symbol} y: x is a leaf tensor that requires grad (a parameter); "
+                                   f"change it in place only inside no_grad()")
+            return op(self, other)
+        result = op(self, other).data  # the same op, so the same broadcasting and dtype rules
+        if result.shape != self.shape or result.dtype != self.dtype:
+            raise RuntimeError(
+                f"x {symbol} y: the result has shape {tuple(result.shape)} and dtype {result.dtype}, "
+                f"x has {self.shape} and {self.dtype}; in place, the result must keep x's"
+            )
+        self.data[...] = result
+        self._version[0] += 1
+        return self
 
     def __lt__(self, other):
         return ops.compare(self, other, "less")
@@ -519,6 +606,7 @@ class Tensor:
 
     def zero_(self):
         self.data[...] = 0
+        self._version[0] += 1
         return self
 
 

@@ -26,7 +26,7 @@ def _fill(tensor, values):
     """Write NumPy `values` into `tensor` in place, in its dtype and on its device."""
     values = np.asarray(values).astype(tensor.dtype, copy=False)
     tensor.data[...] = backend.to_device(values, tensor.device)
-    return tensor
+    return tensor.bump_version_()
 
 
 def uniform_(tensor, a=0.0, b=1.0):
@@ -39,7 +39,7 @@ def normal_(tensor, mean=0.0, std=1.0):
 
 def constant_(tensor, value):
     tensor.data[...] = value
-    return tensor
+    return tensor.bump_version_()
 
 
 def zeros_(tensor):

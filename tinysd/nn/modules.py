@@ -185,6 +185,7 @@ class Module:
         for key, target in own.items():
             if key in state:
                 target.data[...] = backend.to_device(_raw(state[key]), target.device)
+                target.bump_version_()
         return IncompatibleKeys(missing, unexpected)
 
     def train(self, mode=True):
