@@ -24,7 +24,6 @@ predict the noise itself, which is what examples/mnist_digits.py does.)
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -222,7 +221,8 @@ def save_strip(path, frames, probabilities, digit, columns=8, scale=3):
             top = 16 + r * (cell + label_h)
             strip.paste(tile.resize((cell, cell), Image.NEAREST), (c * cell, top))
             draw.text((c * cell + 4, top + cell), f"p({digit})={probabilities[step, r]:.2f}", fill=0)
-    strip.save(path)
+    with io.atomic_file(path) as f:
+        strip.save(f, format="PNG")
 
 
 def noisy_digits(n, noise, seed):
@@ -261,8 +261,7 @@ def main(argv=None):
     save_strip(png, frames, probabilities, args.digit)
     results = {**check, "digit": args.digit, "labels": labels.tolist(), "p_start": probabilities[0].tolist(),
                "p_end": probabilities[-1].tolist(), "p_mean_per_step": probabilities.mean(axis=1).tolist()}
-    with open(out / "results.json", "w") as f:
-        json.dump(results, f, indent=2)
+    io.write_json(out / "results.json", results)
     print(f"outputs in {out}: {png.name}, results.json")
     return {**results, "png": str(png)}
 

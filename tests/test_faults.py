@@ -134,8 +134,8 @@ def test_a_checkpoint_with_damaged_data_is_refused_naming_it(example, straight, 
 
 def test_quick_checkpoints_are_not_used_by_a_full_run(example, straight, tmp_path):
     out = copy_of(straight, tmp_path)
-    with pytest.raises(example.JobError,
-                       match=r"classifier.safetensors does not fit this run: budget was .*\"steps\": 20(.|\n)*--retrain"):
+    expected = r"classifier.safetensors does not fit this run: budget was .*\"steps\": 20(.|\n)*--retrain"
+    with pytest.raises(example.JobError, match=expected):
         example.main([a for a in ARGS if a != "--quick"] + ["--out", str(out)])
 
 
@@ -163,13 +163,13 @@ def test_a_checkpoint_without_its_record_is_refused(example, straight, tmp_path)
         example.main([*ARGS, "--out", str(out)])
 
 
-def test_retrain_also_retrains_what_depends_on_it(example):
-    args = example.parse_args(["--quick"])
+def test_retrain_also_retrains_what_depends_on_it(example, tmp_path):
+    args = example.parse_args(["--quick", "--out", str(tmp_path)])
     assert example.stages_to_retrain(["vae"], args) == {"vae", "unet"}
     assert example.stages_to_retrain(["classifier"], args) == {"classifier"}
     assert example.stages_to_retrain(["clip"], args) == {"clip", "unet"}
     assert example.stages_to_retrain(["all"], args) == set(example.STAGES)
-    with_perceptual = example.parse_args(["--quick", "--perceptual-weight", "0.3"])
+    with_perceptual = example.parse_args(["--quick", "--perceptual-weight", "0.3", "--out", str(tmp_path)])
     assert example.stages_to_retrain(["classifier"], with_perceptual) == {"classifier", "vae", "unet"}
 
 
@@ -223,3 +223,14 @@ def test_a_resume_file_from_other_settings_is_refused(tmp_path):
     train(model, opt, lambda s: (model(x) ** 2).mean(), lambda s: s, 3, fingerprint="steps=3", **kw)
     with pytest.raises(ResumeMismatchError, match=r"r.safetensors was written by a run with other settings"):
         train(model, opt, lambda s: (model(x) ** 2).mean(), lambda s: s, 5, fingerprint="steps=5", **kw)
+
+
+def test_a_damaged_resume_file_is_refused_naming_it(tmp_path):
+    model, opt = tiny_setup()
+    x = tinysd.randn(8, 3)
+    resume = tmp_path / "r.safetensors"
+    kw = dict(resume_path=str(resume), save_every=2, progress=False)
+    train(model, opt, lambda s: (model(x) ** 2).mean(), lambda s: s, 3, **kw)
+    resume.write_bytes(resume.read_bytes()[:-10])
+    with pytest.raises(ResumeMismatchError, match=r"r.safetensors is not a valid safetensors file.*start this stage"):
+        train(model, opt, lambda s: (model(x) ** 2).mean(), lambda s: s, 3, **kw)

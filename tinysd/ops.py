@@ -16,7 +16,7 @@ import numpy as np
 import kernels
 
 from . import backend
-from .tensor import Function, Tensor, _raw_index, is_grad_enabled
+from .tensor import KERNEL_DTYPES, Function, Tensor, _raw_index, is_grad_enabled
 
 
 def as_tensor(x, like):
@@ -801,6 +801,8 @@ class Softmax(Function):
     Subtracting the max keeps every exponent <= 0, so logits of 1e4 do not overflow.
     """
 
+    kernel_dtypes = KERNEL_DTYPES
+
     def forward(self, x, axis):
         self.axis = axis
         y = kernels.for_array(x).softmax(x, axis)
@@ -813,6 +815,8 @@ class Softmax(Function):
 
 class LogSoftmax(Function):
     """y = x - max x - log(sum e^(x - max x));  dx = g - softmax(x) * sum(g)."""
+
+    kernel_dtypes = KERNEL_DTYPES
 
     def forward(self, x, axis):
         self.axis = axis

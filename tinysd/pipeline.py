@@ -26,6 +26,8 @@ clamps every x_0 estimate to [-1, 1], which suits pixels but distorts unit-varia
 latents) and with the same beta schedule the UNet was trained with.
 """
 
+import math
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -33,11 +35,30 @@ from . import backend, ops
 from .tensor import Tensor, no_grad
 
 
+def _check_components(owner, **parts):
+    missing = [name for name, part in parts.items() if part is None]
+    if missing:
+        raise TypeError(f"{owner}: {', '.join(missing)} must be given, got None")
+
+
+def _check_prompts(prompts):
+    """A str or a non-empty list of str, as a list."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"TextToImage: prompts must be a str or a list of str, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("TextToImage: no prompts given")
+    return list(prompts)
+
+
 class TextToImage:
     """vae (AutoencoderKL), tokenizer (tinysd.tokenizer.Tokenizer), text_encoder
     (CLIPTextModel), unet (UNet2DConditionModel), scheduler (DDPM, DDIM or Euler)."""
 
     def __init__(self, vae, tokenizer, text_encoder, unet, scheduler):
+        _check_components(type(self).__name__, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, unet=unet,
+                          scheduler=scheduler)
         self.vae, self.tokenizer, self.text_encoder = vae, tokenizer, text_encoder
         self.unet, self.scheduler = unet, scheduler
 
@@ -79,9 +100,9 @@ class TextToImage:
 
     def _conditions(self, prompts, negative_prompt, guidance_scale):
         """Text features for the prompts, and for the unconditional/negative prompt when guiding."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("TextToImage: no prompts given")
+        prompts = _check_prompts(prompts)
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"TextToImage: guidance_scale must be a finite number, got {guidance_scale}")
         text_embeds = self.encode_prompt(prompts)
         if guidance_scale == 1.0:
             return prompts, text_embeds, None

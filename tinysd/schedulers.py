@@ -108,6 +108,8 @@ def spaced_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing,
     Returns float64; DDPM/DDIM round to integers, Euler keeps them as floats.
     """
     T, n = num_train_timesteps, num_inference_steps
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
+        raise TypeError(f"set_timesteps: num_inference_steps must be an int, got {n!r} ({type(n).__name__})")
     if not 1 <= n <= T:
         raise ValueError(f"num_inference_steps must be between 1 and num_train_timesteps={T}, got {n}")
     if timestep_spacing == "linspace":

@@ -81,6 +81,8 @@ class Function:
     shape; the engine sums them back to the input's shape.
     """
 
+    kernel_dtypes = None  # ops whose kernels run only in some dtypes list them (checked in apply)
+
     def __init__(self, *inputs):
         self.inputs = inputs
         self.needs_input_grad = tuple(t.requires_grad for t in inputs)
@@ -104,6 +106,8 @@ class Function:
     def apply(cls, *inputs, **options):
         """Run the op on Tensor inputs (non-Tensor options go by keyword) and record it."""
         check_same_device(cls.__name__, inputs)
+        if cls.kernel_dtypes is not None:
+            _check_kernel_dtypes(cls, inputs)
         fn = cls(*inputs)
         out = Tensor(fn.forward(*(t.data for t in inputs), **options))
         if _grad_enabled and any(fn.needs_input_grad):
@@ -149,6 +153,18 @@ def _check_saved_versions(fn):
                 f"(version {version} then, {counter[0]} now: x[...] = v, zero_(), x += y, an optimizer step "
                 f"or load_state_dict). Its gradient would be wrong; change a copy instead, or run backward first."
             )
+
+
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # what the Numba and CuPy kernels are built for
+
+
+def _check_kernel_dtypes(cls, inputs):
+    if any(t.dtype not in cls.kernel_dtypes for t in inputs):
+        described = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in inputs)
+        raise TypeError(
+            f"{cls.__name__}: its kernels run in {' or '.join(map(str, cls.kernel_dtypes))}, got {described}; "
+            f"convert first, e.g. x.float()"
+        )
 
 
 def check_same_device(op_name, tensors):

@@ -69,6 +69,17 @@ def normalize(text):
     return _TOKEN_RE.findall(text.lower())
 
 
+def _check_texts(texts):
+    """One str or a list/tuple of str, as a list; anything else is a TypeError naming what came."""
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        got = type(texts).__name__ if not isinstance(texts, (list, tuple)) else \
+            f"a {type(texts).__name__} holding {sorted({type(t).__name__ for t in texts})}"
+        raise TypeError(f"Tokenizer: expected a str or a list of str, got {got}")
+    return list(texts)
+
+
 class Tokenizer:
     """Word-level tokenizer with a fixed vocabulary and a fixed context length.
 
@@ -111,8 +122,7 @@ class Tokenizer:
 
     def __call__(self, texts):
         """One caption or a list of them -> int64 array (N, context_length), padded with PAD."""
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = _check_texts(texts)
         out = np.full((len(texts), self.context_length), self.pad_id, dtype=np.int64)
         for row, text in enumerate(texts):
             ids = self.encode(text)

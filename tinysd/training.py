@@ -36,7 +36,7 @@ class NonFiniteError(FloatingPointError):
 
 
 class ResumeMismatchError(ValueError):
-    """A resume file was written by another configuration than the one asking to resume."""
+    """A resume file that cannot be continued: damaged, or written by another configuration."""
 
 
 def epoch_batches(n, batch_size, seed):
@@ -142,7 +142,10 @@ def _load_resume(path, model, optimizer, ema, generator, fingerprint):
     """Restore a resume file if there is one; return (the step to continue from, the losses so far)."""
     if not os.path.exists(path):
         return 0, []
-    state, metadata = io.load_file(path), io.load_metadata(path)
+    try:
+        state, metadata = io.load_file(path), io.load_metadata(path)
+    except ValueError as err:
+        raise ResumeMismatchError(f"{err}; delete it to start this stage over") from None
     if metadata.get("fingerprint", "") != fingerprint:
         raise ResumeMismatchError(
             f"{path} was written by a run with other settings ({metadata.get('fingerprint') or 'unknown'}), "

@@ -44,7 +44,7 @@ class ResnetBlock2D(nn.Module):
         if self.time_emb_proj is not None:
             if temb is None:
                 raise ValueError("ResnetBlock2D: this block was built with temb_channels, so it needs temb")
-            h = h + self.time_emb_proj(F.silu(temb)).reshape(temb.shape[0], -1, 1, 1)
+            h = h + self.time_emb_proj(F.silu(temb)).reshape(temb.shape[0], h.shape[1], 1, 1)
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h

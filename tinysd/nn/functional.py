@@ -21,7 +21,7 @@ import numpy as np
 import kernels
 
 from .. import backend, ops
-from ..tensor import Function, Tensor, default_generator, no_grad
+from ..tensor import KERNEL_DTYPES, Function, Tensor, default_generator, no_grad
 
 # ---- argument checks shared by several functions ----------
 
@@ -153,6 +153,8 @@ class Conv2d(Function):
     dx = conv2d_grad_input(g, w) (the adjoint in x), dw = conv2d_grad_weight(g, x).
     """
 
+    kernel_dtypes = KERNEL_DTYPES
+
     def forward(self, x, w, *bias, stride, padding, dilation, groups):
         self.save_for_backward(x, w)
         self.geometry = (stride, padding, dilation, groups)
@@ -211,6 +213,8 @@ class ConvTranspose2d(Function):
     The weight layout (C_in, C_out // groups, KH, KW) is exactly that of the conv
     from C_out to C_in channels, so w is used as is.
     """
+
+    kernel_dtypes = KERNEL_DTYPES
 
     def forward(self, x, w, *bias, stride, padding, output_padding, dilation, groups):
         self.save_for_backward(x, w)
@@ -273,6 +277,8 @@ def _pool_args(op, x, kernel_size, stride, padding):
 class MaxPool2d(Function):
     """y = max over each window (padding counts as -inf); g flows to the winning element."""
 
+    kernel_dtypes = KERNEL_DTYPES
+
     def forward(self, x, kernel, stride, padding):
         self.kernels = kernels.for_array(x)  # the argmax format is private to one backend: keep it
         y, argmax = self.kernels.max_pool2d(x, kernel, stride, padding)
@@ -293,6 +299,8 @@ class AvgPool2d(Function):
     """y = mean over each window, padding counted as zeros (count_include_pad=True);
     each x in a window receives g / (kh * kw)."""
 
+    kernel_dtypes = KERNEL_DTYPES
+
     def forward(self, x, kernel, stride, padding):
         self.x_shape, self.geometry = x.shape, (kernel, stride, padding)
         return kernels.for_array(x).avg_pool2d(x, kernel, stride, padding)
@@ -308,6 +316,8 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0):
 
 class UpsampleNearest2d(Function):
     """y[n, c, i, j] = x[n, c, i // sh, j // sw];  dx sums g over each sh x sw block."""
+
+    kernel_dtypes = KERNEL_DTYPES
 
     def forward(self, x, scale):
         self.scale = scale
@@ -373,6 +383,8 @@ class GroupNorm(Function):
         dw[c] = sum of g * xh over n and positions,  db[c] = sum of g.
     """
 
+    kernel_dtypes = KERNEL_DTYPES
+
     def forward(self, x, *affine, num_groups, eps):
         w, b = affine if affine else (None, None)
         y, mean, rstd = kernels.for_array(x).group_norm(x, num_groups, w, b, eps)
@@ -396,7 +408,17 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     if num_groups < 1 or channels % num_groups:
         raise ValueError(f"{op}: num_groups={num_groups} must divide the {channels} channels of input {x.shape}")
     affine = _affine(op, weight, bias, (channels,), x)
+    if x.size == 0:  # an empty batch: an empty result, as PyTorch gives (the kernel needs rows)
+        return _empty_result(x, affine)
     return GroupNorm.apply(x, *affine, num_groups=num_groups, eps=eps)
+
+
+def _empty_result(x, per_channel):
+    """x's empty shape, still in the graph of x and of the per-channel parameters (zero gradients)."""
+    out = x * 0.0
+    for p in per_channel:
+        out = out + p.reshape(1, -1, *[1] * (x.ndim - 2)) * 0.0
+    return out
 
 
 class LayerNorm(Function):
@@ -405,6 +427,8 @@ class LayerNorm(Function):
         y = (x - mean) * rstd * w + b,   dx = rstd * (gh - mean(gh) - xh * mean(gh * xh)),
         dw = sum over rows of g * xh,    db = sum over rows of g   (gh = g * w, xh normalised x).
     """
+
+    kernel_dtypes = KERNEL_DTYPES
 
     def forward(self, x, *affine, size, eps):
         w, b = (a.reshape(size) for a in affine) if affine else (None, None)
@@ -444,6 +468,8 @@ class Attention(Function):
     g = dL/dout and delta_i = sum_j g_ij out_ij:
         dv = p^T g,   ds = p * (g v^T - delta),   dq = scale * ds k,   dk = scale * ds^T q.
     """
+
+    kernel_dtypes = KERNEL_DTYPES
 
     def forward(self, q, k, v, mask, scale, is_causal):
         out, lse = kernels.for_array(q).attention(q, k, v, mask, scale, is_causal)
@@ -571,6 +597,8 @@ def log_softmax(x, dim):
 class SiLU(Function):
     """y = x sigmoid(x);  dx = g * s (1 + x (1 - s)), s = sigmoid(x)."""
 
+    kernel_dtypes = KERNEL_DTYPES
+
     def forward(self, x):
         self.save_for_backward(x)
         return kernels.for_array(x).silu(x)
@@ -588,6 +616,8 @@ def silu(x):
 class GELU(Function):
     """y = x Phi(x) (Phi the standard normal CDF), or its tanh approximation;
     dx = g * (Phi(x) + x phi(x)) for the exact form."""
+
+    kernel_dtypes = KERNEL_DTYPES
 
     def forward(self, x, approximate):
         self.save_for_backward(x)

@@ -59,6 +59,13 @@ def _flatten(name, value):
             yield from _flatten(_join(name, str(key)), item)
 
 
+def _check_state_dict(state):
+    if not hasattr(state, "keys") or not hasattr(state, "__getitem__"):
+        hint = " (a path? load it first: tinysd.io.load_file(path))" if isinstance(state, (str, bytes)) else ""
+        got = type(state).__name__
+        raise TypeError(f"load_state_dict: expected a dict of name -> Tensor or array, got {got}{hint}")
+
+
 class Module:
     """Base class of layers and models: subclass it and define forward()."""
 
@@ -167,6 +174,7 @@ class Module:
         Shape mismatches are always errors; missing and unexpected keys are
         errors when strict, and are returned otherwise.
         """
+        _check_state_dict(state)
         own = self.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
