@@ -246,7 +246,8 @@ class Run:
             try:
                 summary = fit(str(resume), fingerprint)
             except NonFiniteError as err:
-                raise JobError(f"{err}\nThe last resume file ({resume}) and every finished stage are kept.") from None
+                kept = f"the last resume file ({resume}) and " if resume.exists() else ""
+                raise JobError(f"{err}\nKept: {kept}every finished stage.") from None
             except ResumeMismatchError as err:
                 raise JobError(f"{err}; or pass --retrain {name}") from None
             io.save_file(model.state_dict(), path,
