@@ -60,6 +60,15 @@ def test_unet_matches_diffusers(golden, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_class_conditioned_unet_matches_diffusers(golden, dtype):
+    model, inputs, out = golden("unet_classes", UNet2DConditionModel)
+    t = run_in(model, dtype)
+    with tinysd.no_grad():
+        y = model(t(inputs["sample"]), inputs["timestep"], class_labels=inputs["class_labels"])
+    close(y, out["sample"], dtype, "class-conditioned unet sample")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_vae_matches_diffusers(golden, dtype):
     model, inputs, out = golden("vae", AutoencoderKL)
     t = run_in(model, dtype)
