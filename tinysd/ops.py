@@ -506,7 +506,7 @@ def _arg(x, dim, keepdim, largest):
 
 
 def argmax(x, dim=None, keepdim=False):
-    """Index of the largest value (no gradient); over the flattened tensor when dim is None."""
+    """Index of the largest value, the first among ties (no gradient); over the flattened tensor when dim is None."""
     return _arg(x, dim, keepdim, largest=True)
 
 
