@@ -231,7 +231,7 @@ __global__ void max_pool_forward(const T* x, T* y, long long* argmax, long long 
                 int iw = ow * sw - pw + kw;
                 if (iw < 0 || iw >= W) continue;
                 T v = plane[ih * W + iw];
-                if (best_at < 0 || v > best || isnan(v)) { best = v; best_at = ih * W + iw; }
+                if (best_at < 0 || v > best || (isnan(v) && !isnan(best))) { best = v; best_at = ih * W + iw; }
             }
         }
         y[idx] = best;

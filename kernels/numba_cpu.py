@@ -343,7 +343,7 @@ def _pool_forward(x, kh, kw, sh, sw, ph, pw, is_max, y, argmax):
                     for col in range(max(left, 0), min(left + kw, w)):
                         value = plane[r, col]
                         total += value
-                        if best_index < 0 or value > best:
+                        if best_index < 0 or value > best or (value != value and best == best):  # first NaN wins, as in reference
                             best, best_index = value, r * w + col
                 if is_max:
                     y[task // c, task % c, a, b] = best

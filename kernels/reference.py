@@ -186,7 +186,8 @@ def conv_transpose2d(x, w, stride, padding, output_padding, dilation, groups):
 def max_pool2d(x, kernel, stride, padding):
     """y[n, c, a, b] = max over the window at (a*sh - ph, b*sw - pw) of size kernel (padding is -inf).
 
-    argmax[n, c, a, b] = flat index y * W + x (into the H*W plane) of the first maximum.
+    argmax[n, c, a, b] = flat index y * W + x (into the H*W plane) of the first maximum in
+    row-major window order, never a padding position; a NaN counts as the maximum (as in PyTorch).
     """
     xp = array_module(x)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
@@ -196,6 +197,9 @@ def max_pool2d(x, kernel, stride, padding):
     cols = cols.reshape(n, c, kh * kw, ho, wo)
     k = cols.argmax(axis=2)  # window offset i * KW + j of the first maximum
     y = xp.take_along_axis(cols, k[:, :, None], axis=2)[:, :, 0]
+    # a window whose real values are all -inf ties with its padding: take its first real element
+    real = im2col(xp.ones((1, 1, h, w), x.dtype), kernel, stride, padding, (1, 1)).reshape(kh * kw, ho, wo)
+    k = xp.where(y == -xp.inf, real.argmax(axis=0), k)
     rows = xp.arange(ho).reshape(ho, 1) * sh - ph + k // kw
     columns = xp.arange(wo).reshape(1, wo) * sw - pw + k % kw
     return y, (rows * w + columns).astype(xp.int64)

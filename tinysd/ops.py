@@ -263,7 +263,7 @@ class Sigmoid(Function):
 
 
 class Relu(Function):
-    """y = max(x, 0);  dx = g where x > 0."""
+    """y = max(x, 0);  dx = g where x > 0 (0 at the kink x = 0, as in PyTorch)."""
 
     def forward(self, x):
         y = backend.array_module(x).maximum(x, 0)  # not x * (x > 0): -inf * 0 is nan
@@ -331,7 +331,7 @@ def minimum(a, b):
 
 
 class Clamp(Function):
-    """y = min(max(x, lo), hi);  dx = g where lo <= x <= hi."""
+    """y = min(max(x, lo), hi);  dx = g where lo <= x <= hi (both bounds included, as in PyTorch)."""
 
     def forward(self, x, lo, hi):
         xp = backend.array_module(x)
@@ -441,7 +441,7 @@ def var(x, dim=None, unbiased=True, keepdim=False, correction=None):
 
 
 class MaxAlong(Function):
-    """Max (or min) along one axis: the gradient goes to the winning index."""
+    """Max (or min) along one axis: the gradient goes to the winning index, the first among ties (as in PyTorch)."""
 
     def forward(self, x, axis, keepdim, largest):
         xp = backend.array_module(x)
@@ -506,7 +506,7 @@ def _arg(x, dim, keepdim, largest):
 
 
 def argmax(x, dim=None, keepdim=False):
-    """Index of the largest value (no gradient); over the flattened tensor when dim is None."""
+    """Index of the largest value, the first among ties (no gradient); over the flattened tensor when dim is None."""
     return _arg(x, dim, keepdim, largest=True)
 
 

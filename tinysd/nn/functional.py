@@ -275,7 +275,8 @@ def _pool_args(op, x, kernel_size, stride, padding):
 
 
 class MaxPool2d(Function):
-    """y = max over each window (padding counts as -inf); g flows to the winning element."""
+    """y = max over each window (padding counts as -inf); g flows to the winning element: the first
+    maximum in row-major window order, never padding, a NaN if there is one (as in PyTorch)."""
 
     kernel_dtypes = KERNEL_DTYPES
 
