@@ -38,6 +38,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -443,7 +444,8 @@ def run_row(case, args, repeat):
         except Exception as e:  # noqa: BLE001 (report and time ours alone)
             errors["torch"] = f"{type(e).__name__}: {e}"
             diff = None
-    ms, timing_errors = bench_ops.time_case(case, impls, "cpu", repeat, args.per_turn, args.settle, warmup=1)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    ms, timing_errors = bench_ops.time_case(case, impls, "cpu", repeat, args.per_turn, args.settle, 1, clock)
     errors.update(timing_errors)
     row = {"op": case.op, "shape": case.shape, "ms": ms, "errors": errors, "agreement": diff if not missing else None,
            "ours_over_torch": bench_ops._ratio(ms.get("ours"), ms.get("torch"))}  # fmt: skip
@@ -494,6 +496,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny batches: a smoke run, not a measurement")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for Numba, BLAS and torch")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or CPU time of the process (steadier on a loaded machine; use with --threads 1)")
     p.add_argument("--only", default=None, help="only rows whose name contains this text")
     p.add_argument("--agree", type=float, default=1e-3, help="largest relative difference accepted (default 1e-3)")
     p.add_argument("--memory-of", nargs=2, metavar=("ROW", "IMPL"), help=argparse.SUPPRESS)  # internal
@@ -508,7 +512,7 @@ def main(argv=None):
         return 0
     repeat = args.repeat or (1 if args.quick else 5)
     settings = bench_ops.setup_device("cpu", args.threads)
-    settings.update(repeat=repeat, quick=args.quick, per_turn=args.per_turn, settle_s=args.settle, blas=blas_info(),
+    settings.update(repeat=repeat, quick=args.quick, clock=args.clock, per_turn=args.per_turn, settle_s=args.settle, blas=blas_info(),
                     python=platform.python_version(), numpy=np.__version__,
                     torch=None if torch is None else torch.__version__,
                     diffusers=None if diffusers is None else diffusers.__version__)  # fmt: skip

@@ -200,6 +200,23 @@ def _col2im(cols, kh, kw, sh, sw, dh, dw, groups, ho, wo, dxpad):
                             col += length
 
 
+_WORK_BUFFERS = {}  # (role, dtype) -> the largest flat work buffer asked for so far
+
+
+def _work_buffer(role, size, dtype):
+    """A flat work array of `size` elements, reused from call to call (one per role and dtype).
+
+    A fresh multi-MiB np.empty is new memory from the kernel, and touching it page by
+    page cost about as much as the GEMM of a small convolution; the convolution kernels
+    return fresh outputs and never hold a work buffer across calls, so sharing is safe.
+    """
+    key = (role, np.dtype(dtype))
+    buf = _WORK_BUFFERS.get(key)
+    if buf is None or buf.size < size:
+        buf = _WORK_BUFFERS[key] = np.empty(size, dtype)
+    return buf[:size]
+
+
 class _ConvPlan:
     """Shapes, chunks of samples and work buffers shared by the three convolution kernels."""
 
@@ -224,9 +241,9 @@ class _ConvPlan:
         budget = min(_CACHE_BYTES, 2 * self.n * self.c * self.h * self.w * np.dtype(dtype).itemsize)
         step = max(1, min(self.n, budget // per_sample))
         self.chunks = [(n0, min(self.n, n0 + step)) for n0 in range(0, self.n, step)]
-        self._cols = np.empty(step * self.p * self.k, dtype)
-        self._out = np.empty(step * self.p * self.o, dtype)
-        self._xpad = np.empty(step * self.hp * self.wp * self.c, dtype)
+        self._cols = _work_buffer("cols", step * self.p * self.k, dtype)
+        self._out = _work_buffer("out", step * self.p * self.o, dtype)
+        self._xpad = _work_buffer("xpad", step * self.hp * self.wp * self.c, dtype)
 
     def window(self):
         return self.kh, self.kw, self.sh, self.sw, self.dh, self.dw, self.groups, self.ho, self.wo
@@ -236,8 +253,12 @@ class _ConvPlan:
         return self._cols[: nc * self.p * self.k].reshape(nc * self.p, self.k)
 
     def out(self, nc):
-        """Outputs (or output gradients) of nc samples in GEMM layout: (O, nc, HO * WO)."""
+        """Output gradients of nc samples in GEMM layout: (O, nc, HO * WO)."""
         return self._out[: nc * self.p * self.o].reshape(self.o, nc, self.p)
+
+    def out_channels_last(self, nc):
+        """Outputs of nc samples, channels last: (nc, HO, WO, O), i.e. the (nc * HO * WO, O) matrix."""
+        return self._out[: nc * self.p * self.o].reshape(nc, self.ho, self.wo, self.o)
 
     def xpad(self, nc):
         """Padded channels-last input (or input gradient) of nc samples: (nc, H + 2ph, W + 2pw, C)."""
@@ -268,18 +289,26 @@ def _weight_matrix(w, dtype):
 
 
 def conv2d(x, w, stride, padding, dilation, groups):
-    """See reference.conv2d. Per chunk of samples: im2col, Y_g = W_g cols_g^T (BLAS), into NCHW."""
+    """See reference.conv2d. Per chunk of samples: im2col, Y_g = cols_g W_g^T (BLAS), into NCHW.
+
+    The product is taken with the long dimension (output pixels) as the rows: OpenBLAS ran
+    the (pixels, O) = (pixels, K) (K, O) orientation 1.3-4x faster than (O, K) (K, pixels)
+    for the UNet's and the VAE's shapes; its channels-last result is moved to NCHW.
+    """
     x = np.ascontiguousarray(x)
     plan = _ConvPlan("conv2d", x.shape, w.shape, stride, padding, dilation, groups, x.dtype)
     wmat = _weight_matrix(w, x.dtype)
     y = np.empty((plan.n, plan.o, plan.ho, plan.wo), x.dtype)
     for n0, n1 in plan.chunks:
         cols = plan.im2col(x, n0, n1)
-        out = plan.out(n1 - n0)
-        out_matrix = out.reshape(plan.o, -1)
-        for k_block, o_block in plan.groups_slices():
-            np.matmul(wmat[o_block], cols[:, k_block].T, out=out_matrix[o_block])
-        _swap_samples_channels(y.reshape(plan.n, plan.o, plan.p), n0, out, True)
+        out = plan.out_channels_last(n1 - n0)
+        out_matrix = out.reshape(-1, plan.o)
+        if groups == 1:
+            np.matmul(cols, wmat.T, out=out_matrix)
+        else:
+            for k_block, o_block in plan.groups_slices():
+                out_matrix[:, o_block] = cols[:, k_block] @ wmat[o_block].T
+        _to_channels_first(out, 0, 0, n0, y)
     return y
 
 
