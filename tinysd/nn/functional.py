@@ -121,6 +121,32 @@ def _affine(op, weight, bias, shape, like):
 # ---- linear layers and convolutions ----------
 
 
+class LinearFunction(Function):
+    """y = x W^T + b on the rows of x (M, in) (the leading dims flattened), one node in the graph:
+
+        dx = g W,   dW = g^T x,   db = sum of g over the rows
+
+    Each is a single 2-D GEMM (or sum) over all M rows, and the bias is added in place
+    to the product: no separate matmul, transpose, add and reshape nodes.
+    """
+
+    def forward(self, x, w, *bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        self.save_for_backward(x2, w)
+        self.x_shape = x.shape
+        y = x2 @ w.T
+        if bias:
+            y += bias[0]
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    def backward(self, g):
+        x2, w = self.saved
+        g2 = g.reshape(-1, w.shape[0])
+        dx = (g2 @ w).reshape(self.x_shape) if self.needs_input_grad[0] else None
+        dw = g2.T @ x2 if self.needs_input_grad[1] else None
+        return (dx, dw) + ((g2.sum(axis=0) if self.needs_input_grad[2] else None,) if len(self.inputs) > 2 else ())
+
+
 def linear(x, weight, bias=None):
     """y = x W^T + b, for x (..., in), W (out, in), b (out,) -> y (..., out).
 
@@ -136,11 +162,7 @@ def linear(x, weight, bias=None):
         )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"linear: bias must have shape ({weight.shape[0]},), got {bias.shape}")
-    lead = x.shape[:-1]
-    y = ops.matmul(x.reshape(-1, weight.shape[1]), weight.T)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*lead, weight.shape[0])
+    return LinearFunction.apply(x, weight, *(() if bias is None else (bias,)))
 
 
 class Conv2d(Function):
