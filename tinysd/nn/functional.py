@@ -628,6 +628,42 @@ def gelu(x, approximate="none"):
     return GELU.apply(x, approximate=approximate)
 
 
+class GEGLUFunction(Function):
+    """y = a * gelu(b) for x = [a, b], the last dim split in halves (GEGLU, Shazeer 2020):
+
+        da = g * gelu(b),   db = gelu_backward(g * a, b)   (kernels.reference.gelu_backward)
+
+    One node, and dx written half by half into one array: the two chunk nodes it replaces
+    each sent back a zero-filled gradient of x's full size, to be added together.
+    """
+
+    def forward(self, x, approximate):
+        half = x.shape[-1] // 2
+        a, b = x[..., :half], x[..., half:]
+        act = kernels.for_array(x).gelu(b, approximate)
+        self.save_for_backward(a, b, act)
+        self.approximate = approximate
+        return a * act
+
+    def backward(self, g):
+        a, b, act = self.saved
+        half = a.shape[-1]
+        dx = backend.array_module(g).empty(g.shape[:-1] + (2 * half,), g.dtype)
+        dx[..., :half] = g * act
+        dx[..., half:] = kernels.for_array(g).gelu_backward(g * a, b, self.approximate)
+        return dx
+
+
+def geglu(x, approximate="none"):
+    """a * gelu(b) where a, b are the two halves of x's last dim: (..., 2 D) -> (..., D)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"geglu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    _check_float("geglu", input=x)
+    if x.ndim == 0 or x.shape[-1] % 2:
+        raise ValueError(f"geglu: the last dim of input {x.shape} must have an even size (two halves)")
+    return GEGLUFunction.apply(x, approximate=approximate)
+
+
 def _uniform(shape, like):
     """Uniform [0, 1) samples on the device of `like`, from tinysd's seeded generators."""
     if backend.is_cupy_array(like):
@@ -830,6 +866,6 @@ def perceptual_loss(input, target, features, weights=None):
 __all__ = [
     "linear", "conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "interpolate", "pad",
     "group_norm", "layer_norm", "scaled_dot_product_attention", "relu", "sigmoid", "tanh", "softmax",
-    "log_softmax", "silu", "gelu", "dropout", "embedding", "mse_loss", "l1_loss", "cross_entropy",
+    "log_softmax", "silu", "gelu", "geglu", "dropout", "embedding", "mse_loss", "l1_loss", "cross_entropy",
     "binary_cross_entropy_with_logits", "gaussian_kl", "contrastive_loss", "perceptual_loss",
 ]  # fmt: skip
