@@ -2,7 +2,7 @@
 sampling forward, in tinysd and in PyTorch with the same architecture and the same weights.
 
     python benchmarks/bench_models.py                     # table + bench_models_cpu.json
-    python benchmarks/bench_models.py --threads 1         # one thread on both sides (busy machine)
+    python benchmarks/bench_models.py --threads 1 --clock cpu  # one thread, CPU time (busy machine)
     python benchmarks/bench_models.py --quick --no-memory # tiny batches: a smoke run, not a measurement
 
 Rows (configurations and batch sizes of examples/mnist_digits.py):
@@ -25,7 +25,9 @@ left empty.
 
 Timing is bench_ops.py's: one process, every implementation warmed up, then rounds of
 turns (a pause of --settle seconds, one untimed call, --per-turn timed calls), the
-starting implementation rotated; medians. Peak memory: one training step (or sampling
+starting implementation rotated; medians. --clock cpu times CPU seconds of the process
+(time.process_time) instead of wall time: with --threads 1 it leaves out the time other
+programs hold the core, the steadier measure on a shared machine. Peak memory: one training step (or sampling
 forward) in a fresh process per (row, implementation), after a small-batch warm-up that
 compiles the kernels: the growth of the resident set's high-water mark (VmHWM) over the
 resident set after the model, optimizer and batch are built (bench_ops._cpu_peak_bytes).
@@ -173,7 +175,8 @@ def diffusers_unet(ours):
     heads = tuple(b.attentions[0].transformer_blocks[0].attn1.heads for b in ours.down_blocks)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=ours.in_channels, out_channels=ours.out_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * len(channels), up_block_types=("CrossAttnUpBlock2D",) * len(channels),
+        down_block_types=("CrossAttnDownBlock2D",) * len(channels),
+        up_block_types=("CrossAttnUpBlock2D",) * len(channels),
         block_out_channels=channels, layers_per_block=len(ours.down_blocks[0].resnets),
         cross_attention_dim=ours.cross_attention_dim, attention_head_dim=heads,
         norm_num_groups=ours.conv_norm_out.num_groups, norm_eps=1e-6, use_linear_projection=True,
@@ -193,8 +196,9 @@ def diffusers_unet(ours):
 class ModelCase:
     """One row. `build(impl, device)` -> a callable running one step; bench_ops.time_case times it."""
 
-    def __init__(self, name, shape, make_models, data, ours_loss, torch_loss, optimizer=None, train=True):
-        self.op, self.shape, self.key = name, shape, name
+    def __init__(self, name, shape, make_models, data, ours_loss, torch_loss, optimizer=None, train=True,
+                 check_output=None):
+        self.op, self.shape, self.key, self.check_output = name, shape, name, check_output
         self.make_models, self.data = make_models, data  # make_models(impl) -> (ours_model, other model or None)
         self.ours_loss, self.torch_loss, self.optimizer, self.train = ours_loss, torch_loss, optimizer, train
 
@@ -262,7 +266,10 @@ class ModelCase:
         random, the VAE's, passes a deterministic one). Returns the largest relative difference."""
         ours, theirs = self.torch_model()
         data = self.data()
-        fn = check or (lambda impl, model, inputs: (self.ours_loss if impl == "ours" else self.torch_loss)(model, *inputs))
+        def loss(impl, model, inputs):
+            return (self.ours_loss if impl == "ours" else self.torch_loss)(model, *inputs)
+
+        fn = check or loss
         if not self.train:
             with tinysd.no_grad():
                 a = fn("ours", ours, [tinysd.tensor(x) for x in data]).numpy()
@@ -324,10 +331,8 @@ def vae_case(batch, kl_weight=1e-4):
         recon = model.decode(posterior.sample()).sample
         return torch.nn.functional.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
 
-    case = ModelCase("vae", f"train step, batch {batch} of 1x32x32", models, data, ours_loss, torch_loss,
-                     (2e-3, 0.0, None))
-    case.check_output = _vae_deterministic(kl_weight)
-    return case
+    return ModelCase("vae", f"train step, batch {batch} of 1x32x32", models, data, ours_loss, torch_loss,
+                     (2e-3, 0.0, None), check_output=_vae_deterministic(kl_weight))
 
 
 def _vae_deterministic(kl_weight):
@@ -339,7 +344,8 @@ def _vae_deterministic(kl_weight):
             posterior = model.encode(x)
             return F.mse_loss(model.decode(posterior.mode()), x) + kl_weight * posterior.kl().mean()
         posterior = model.encode(x).latent_dist
-        return torch.nn.functional.mse_loss(model.decode(posterior.mode()).sample, x) + kl_weight * posterior.kl().mean()
+        recon = model.decode(posterior.mode()).sample
+        return torch.nn.functional.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
 
     return check
 
@@ -437,7 +443,7 @@ def run_row(case, args, repeat):
         errors["torch"] = missing
     else:
         try:
-            diff = case.check_agreement(getattr(case, "check_output", None))
+            diff = case.check_agreement(case.check_output)
             if diff > args.agree:
                 raise RuntimeError(f"outputs/gradients differ from ours by {diff:.2e} (relative) > {args.agree}")
             impls.append("torch")
@@ -512,7 +518,8 @@ def main(argv=None):
         return 0
     repeat = args.repeat or (1 if args.quick else 5)
     settings = bench_ops.setup_device("cpu", args.threads)
-    settings.update(repeat=repeat, quick=args.quick, clock=args.clock, per_turn=args.per_turn, settle_s=args.settle, blas=blas_info(),
+    settings.update(repeat=repeat, quick=args.quick, clock=args.clock, per_turn=args.per_turn, settle_s=args.settle,
+                    blas=blas_info(),
                     python=platform.python_version(), numpy=np.__version__,
                     torch=None if torch is None else torch.__version__,
                     diffusers=None if diffusers is None else diffusers.__version__)  # fmt: skip

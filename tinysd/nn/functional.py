@@ -96,8 +96,8 @@ def _channel_bias_grad(g, needs):
     """db[c] = sum over n, i, j of g[n, c, i, j]: the bias was used at every position."""
     if not needs or not needs[0]:
         return (None,) if needs else ()
-    n, c = g.shape[:2]
-    per_sample = g.reshape(n * c, -1) @ backend.array_module(g).ones(g[0, 0].size, g.dtype)  # sum over i, j
+    n, c, positions = g.shape[0], g.shape[1], math.prod(g.shape[2:])
+    per_sample = g.reshape(n * c, positions) @ backend.array_module(g).ones(positions, g.dtype)  # sum over i, j
     return (_column_sums(per_sample.reshape(n, c)),)
 
 
