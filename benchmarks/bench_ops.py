@@ -276,13 +276,15 @@ def synchronize(device):
             torch.cuda.synchronize()
 
 
-def time_case(case, impls, device, repeat, per_turn=3, settle=0.1, warmup=2):
+def time_case(case, impls, device, repeat, per_turn=3, settle=0.1, warmup=2, clock=time.perf_counter):
     """Median milliseconds per implementation, interleaved round-robin; errors by implementation.
 
     Each round gives every implementation a turn: a pause of `settle` seconds, one untimed
     call, then `per_turn` timed calls back to back, as in a training loop. The pause lets the
     previous implementation's thread pools (OpenMP, OpenBLAS) go idle: their threads keep
     spinning for a while after their last job and would otherwise steal this one's cores.
+    `clock`: wall time by default; time.process_time (CPU seconds of this process) is steadier
+    on a loaded machine when every library runs on one thread.
     """
     runs, errors = {}, {}
     for impl in impls:
@@ -299,11 +301,11 @@ def time_case(case, impls, device, repeat, per_turn=3, settle=0.1, warmup=2):
             time.sleep(settle)
             for call in range(-1, per_turn):  # call -1: the untimed one
                 synchronize(device)
-                start = time.perf_counter()
+                start = clock()
                 runs[impl]()
                 synchronize(device)
                 if call >= 0:
-                    times[impl].append(time.perf_counter() - start)
+                    times[impl].append(clock() - start)
     return {impl: 1e3 * statistics.median(t) for impl, t in times.items()}, errors
 
 

@@ -40,3 +40,26 @@ def test_memory_is_measured_in_a_subprocess(bench, tmp_path):
     (row,) = json.loads(path.read_text())["rows"]
     assert isinstance(row["memory_bytes"]["ours"], int), row
     assert row["memory_method"]["ours"] in ("VmHWM", "ru_maxrss")
+
+
+BENCH_MODELS = BENCH.parent / "bench_models.py"
+
+
+def test_bench_models_quick_run(tmp_path, capsys):
+    """A tiny run of every model row: our steps run, and where torch is installed its models agree with ours."""
+    spec = importlib.util.spec_from_file_location("bench_models", BENCH_MODELS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path / "models.json"
+    assert module.main(["--quick", "--no-memory", "--repeat", "1", "--per-turn", "1", "--settle", "0",
+                        "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["op"] for r in rows] == ["classifier", "vae", "clip", "unet", "unet sample"]
+    for row in rows:
+        assert row["ms"]["ours"] > 0, row
+        if module.torch_missing(next(c for c in module.cases(True) if c.op == row["op"])) is None:
+            assert row["errors"] == {} and row["agreement"] < 1e-3, row
+            assert row["ours_over_torch"] == pytest.approx(row["ms"]["ours"] / row["ms"]["torch"])
+        else:
+            assert "torch" in row["errors"] and "torch" not in row["ms"], row
+    assert "ours/torch" in capsys.readouterr().out

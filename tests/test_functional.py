@@ -422,6 +422,16 @@ def test_activations(kernel_backend, name, shape, seed):
     assert check_grad(fn, [x], kernel_backend)
 
 
+@with_fixture
+@given(lead=array_shapes(min_dims=0, max_dims=2, max_side=3), half=st.integers(1, 3),
+       approximate=st.sampled_from(["none", "tanh"]), seed=seeds)  # fmt: skip
+def test_geglu_is_value_times_gelu_of_gate(kernel_backend, lead, half, approximate, seed):
+    x = rand(np.random.default_rng(seed), *lead, 2 * half)
+    value, gate = x.numpy()[..., :half], x.numpy()[..., half:]
+    close(F.geglu(x, approximate), value * F.gelu(tinysd.tensor(gate), approximate).numpy(), tol=1e-12)
+    assert check_grad(lambda t: F.geglu(t, approximate), [x], kernel_backend)
+
+
 float32_cases = {
     "conv2d": (lambda x, w: F.conv2d(x, w, w[:, 0, 0, 0] * 0 + 1, stride=2, padding=1), [(2, 3, 6, 6), (3, 3, 3, 3)]),
     "conv_transpose2d": (lambda x, w: F.conv_transpose2d(x, w, stride=2, padding=1, output_padding=1),
@@ -434,6 +444,7 @@ float32_cases = {
     "attention": (lambda q, k, v: sdpa(q, k, v, is_causal=True), [(2, 4, 3), (2, 4, 3), (2, 4, 2)]),
     "silu": (F.silu, [(3, 4)]),
     "gelu": (F.gelu, [(3, 4)]),
+    "geglu": (F.geglu, [(3, 8)]),
 }  # fmt: skip
 
 
@@ -665,6 +676,7 @@ bad_inputs = [
     (lambda: F.embedding(np.array([0.0]), z(5, 2)), r"embedding: ids must be integers, got float64"),
     (lambda: F.dropout(z(3), p=1.5), r"dropout: p must be in \[0, 1\]"),
     (lambda: F.gelu(z(3), approximate="fast"), r"gelu: approximate must be 'none' or 'tanh'"),
+    (lambda: F.geglu(z(2, 3)), r"geglu: the last dim of input \(2, 3\) must have an even size"),
     (lambda: F.pad(z(3), (1, 1), mode="reflect"), r"pad: only mode='constant'"),
     (lambda: F.contrastive_loss(z(3, 4), z(2, 4), 0.0), r"contrastive_loss: image_embeds \(3, 4\) and text_embeds"),
     (lambda: F.contrastive_loss(z(2, 4), z(2, 4), 0.0, np.array([[1, 0], [1, 0]], bool)), r"every row and column"),

@@ -114,10 +114,7 @@ class GELUProjection(nn.Module):
 
     def forward(self, x):
         h = self.proj(x)
-        if not self.gated:
-            return F.gelu(h)
-        value, gate = ops.chunk(h, 2, dim=-1)
-        return value * F.gelu(gate)
+        return F.geglu(h) if self.gated else F.gelu(h)
 
 
 class FeedForward(nn.Module):

@@ -94,9 +94,17 @@ def _add_channel_bias(y, bias):
 
 def _channel_bias_grad(g, needs):
     """db[c] = sum over n, i, j of g[n, c, i, j]: the bias was used at every position."""
-    if not needs:
-        return ()
-    return (g.sum(axis=(0, 2, 3)) if needs[0] else None,)
+    if not needs or not needs[0]:
+        return (None,) if needs else ()
+    n, c, positions = g.shape[0], g.shape[1], math.prod(g.shape[2:])
+    per_sample = g.reshape(n * c, positions) @ backend.array_module(g).ones(positions, g.dtype)  # sum over i, j
+    return (_column_sums(per_sample.reshape(n, c)),)
+
+
+def _column_sums(m):
+    """The sum of the rows of a matrix m (rows, cols) -> (cols,), as the product ones @ m:
+    BLAS sums the rows of a gradient about 4x faster than m.sum(axis=0)."""
+    return backend.array_module(m).ones(m.shape[0], m.dtype) @ m
 
 
 def _affine(op, weight, bias, shape, like):
@@ -121,6 +129,32 @@ def _affine(op, weight, bias, shape, like):
 # ---- linear layers and convolutions ----------
 
 
+class LinearFunction(Function):
+    """y = x W^T + b on the rows of x (M, in) (the leading dims flattened), one node in the graph:
+
+        dx = g W,   dW = g^T x,   db = sum of g over the rows
+
+    Each is a single 2-D GEMM (or sum) over all M rows, and the bias is added in place
+    to the product: no separate matmul, transpose, add and reshape nodes.
+    """
+
+    def forward(self, x, w, *bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        self.save_for_backward(x2, w)
+        self.x_shape = x.shape
+        y = x2 @ w.T
+        if bias:
+            y += bias[0]
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    def backward(self, g):
+        x2, w = self.saved
+        g2 = g.reshape(-1, w.shape[0])
+        dx = (g2 @ w).reshape(self.x_shape) if self.needs_input_grad[0] else None
+        dw = g2.T @ x2 if self.needs_input_grad[1] else None
+        return (dx, dw) + ((_column_sums(g2) if self.needs_input_grad[2] else None,) if len(self.inputs) > 2 else ())
+
+
 def linear(x, weight, bias=None):
     """y = x W^T + b, for x (..., in), W (out, in), b (out,) -> y (..., out).
 
@@ -136,11 +170,7 @@ def linear(x, weight, bias=None):
         )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"linear: bias must have shape ({weight.shape[0]},), got {bias.shape}")
-    lead = x.shape[:-1]
-    y = ops.matmul(x.reshape(-1, weight.shape[1]), weight.T)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*lead, weight.shape[0])
+    return LinearFunction.apply(x, weight, *(() if bias is None else (bias,)))
 
 
 class Conv2d(Function):
@@ -637,6 +667,42 @@ def gelu(x, approximate="none"):
     return GELU.apply(x, approximate=approximate)
 
 
+class GEGLUFunction(Function):
+    """y = a * gelu(b) for x = [a, b], the last dim split in halves (GEGLU, Shazeer 2020):
+
+        da = g * gelu(b),   db = gelu_backward(g * a, b)   (kernels.reference.gelu_backward)
+
+    One node, and dx written half by half into one array: the two chunk nodes it replaces
+    each sent back a zero-filled gradient of x's full size, to be added together.
+    """
+
+    def forward(self, x, approximate):
+        half = x.shape[-1] // 2
+        a, b = x[..., :half], x[..., half:]
+        act = kernels.for_array(x).gelu(b, approximate)
+        self.save_for_backward(a, b, act)
+        self.approximate = approximate
+        return a * act
+
+    def backward(self, g):
+        a, b, act = self.saved
+        half = a.shape[-1]
+        dx = backend.array_module(g).empty(g.shape[:-1] + (2 * half,), g.dtype)
+        dx[..., :half] = g * act
+        dx[..., half:] = kernels.for_array(g).gelu_backward(g * a, b, self.approximate)
+        return dx
+
+
+def geglu(x, approximate="none"):
+    """a * gelu(b) where a, b are the two halves of x's last dim: (..., 2 D) -> (..., D)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"geglu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    _check_float("geglu", input=x)
+    if x.ndim == 0 or x.shape[-1] % 2:
+        raise ValueError(f"geglu: the last dim of input {x.shape} must have an even size (two halves)")
+    return GEGLUFunction.apply(x, approximate=approximate)
+
+
 def _uniform(shape, like):
     """Uniform [0, 1) samples on the device of `like`, from tinysd's seeded generators."""
     if backend.is_cupy_array(like):
@@ -839,6 +905,6 @@ def perceptual_loss(input, target, features, weights=None):
 __all__ = [
     "linear", "conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "interpolate", "pad",
     "group_norm", "layer_norm", "scaled_dot_product_attention", "relu", "sigmoid", "tanh", "softmax",
-    "log_softmax", "silu", "gelu", "dropout", "embedding", "mse_loss", "l1_loss", "cross_entropy",
+    "log_softmax", "silu", "gelu", "geglu", "dropout", "embedding", "mse_loss", "l1_loss", "cross_entropy",
     "binary_cross_entropy_with_logits", "gaussian_kl", "contrastive_loss", "perceptual_loss",
 ]  # fmt: skip
