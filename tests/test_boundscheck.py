@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
 def test_numba_kernels_stay_in_bounds(request, tmp_path):
-    cache = request.config.cache.mkdir("numba-boundscheck") if request.config.cache else tmp_path
+    pytest_cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    cache = pytest_cache.mkdir("numba-boundscheck") if pytest_cache else tmp_path
     env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(cache),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "boundscheck_kernels.py")], capture_output=True,
