@@ -210,7 +210,7 @@ def test_mnist_unet_stage_trains_on_the_noise_it_adds(monkeypatch):
     run = SimpleNamespace(
         args=SimpleNamespace(seed=0), device="cpu", train_images=images, train_labels=np.arange(8),
         budget={"unet": dict(steps=2, batch=4, lr=1e-3)}, tensor=lambda a: tinysd.tensor(a),
-        stage=lambda name, model, fit: fit(None),
+        begin=lambda name: tinysd.manual_seed(0), stage=lambda name, model, fit: fit(None, ""),
     )
     tokenizer = example.Tokenizer()
     clip = example.CLIPModel(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
