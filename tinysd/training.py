@@ -17,7 +17,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from . import io, optim
+from . import distributed, io, optim
 
 
 def epoch_batches(n, batch_size, seed):
@@ -55,27 +55,35 @@ def train(
 
     loss_fn(batch) -> scalar Tensor; batch_for_step(step) -> whatever loss_fn takes.
     lr_at(step) -> learning rate (optional). batch_size is used for the images/s figure.
+    Data parallel (see tinysd.distributed): batch_for_step gives the global batch, loss_fn
+    takes its rank's shard of it; only rank 0 shows progress and writes the resume file.
     """
     start = _load_resume(resume_path, model, optimizer, ema) if resume_path else 0
+    # Data parallel (after distributed.init(); no-ops otherwise): every rank starts from rank 0's
+    # weights at the same step, and averages its gradients with the others' after each backward().
+    distributed.check_same({"resume step": start}, f"where {desc} starts")
+    distributed.broadcast_parameters(model.state_dict().values())
     model.train()
     losses, t0, seen = [], time.perf_counter(), 0
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress, leave=False)
+    show = progress and distributed.is_main()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not show, leave=False)
     for step in bar:
         if lr_at is not None:
             optimizer.lr = lr_at(step)
         loss = loss_fn(batch_for_step(step))
         optimizer.zero_grad()
         loss.backward()
+        loss_value = distributed.average_gradients(model.parameters(), loss.item())
         if clip_norm is not None:
             optim.clip_grad_norm_(model.parameters(), clip_norm)
         optimizer.step()
         if ema is not None:
             ema.update(model)
-        losses.append(loss.item())
+        losses.append(loss_value)
         seen += batch_size or 0
         rate = seen / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{rate:.0f}")
-        if resume_path and ((step + 1) % save_every == 0):
+        if resume_path and ((step + 1) % save_every == 0) and distributed.is_main():
             _save_resume(resume_path, model, optimizer, ema, step + 1)
     bar.close()
     wall = time.perf_counter() - t0
