@@ -3,6 +3,7 @@
     python examples/mnist_digits.py                 # the whole job (about 10 minutes on a 2-core CPU)
     python examples/mnist_digits.py --quick         # a smoke run in about a minute
     python examples/mnist_digits.py --prompt "the number 3" --samples-per-digit 100
+    mpiexec -n 2 python examples/mnist_digits.py --data-parallel   # every stage data-parallel over 2 processes
 
 Stages, each saved to `--out` as a safetensors checkpoint and skipped on the
 next run when its checkpoint is there and fits this run (`--retrain STAGE`
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import tinysd  # noqa: E402
 import tinysd.nn.functional as F  # noqa: E402
-from tinysd import io, optim  # noqa: E402
+from tinysd import distributed, io, optim  # noqa: E402
 from tinysd.data import load_dataset, to_float_images  # noqa: E402
 from tinysd.metrics import frechet_distance, psnr  # noqa: E402
 from tinysd.models import (  # noqa: E402
@@ -167,6 +168,8 @@ def parse_args(argv=None):
                    help="add this times F.perceptual_loss (the classifier's feature maps) to the VAE's loss")
     p.add_argument("--threads", type=int_in(1, 1024), default=None,
                    help="CPU threads (default: all cores); on a busy machine fewer is faster, see README")
+    p.add_argument("--data-parallel", action="store_true",
+                   help="under mpiexec: split each batch over the ranks, average gradients (needs mpi4py)")
     args = p.parse_args(argv)
     if problem := check_out_folder(args.out):
         p.error(f"argument --out: {problem}")
@@ -183,8 +186,9 @@ def check_out_folder(out):
         return f"{out} exists and is not a folder"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        io.atomic_write(out / ".write-test", b"")
-        (out / ".write-test").unlink()
+        probe = out / f".write-test-{os.getpid()}"  # per process: data-parallel ranks check at once
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as err:
         return f"cannot write into {out}: {err.strerror or err}"
     return None
@@ -202,7 +206,7 @@ class Run:
         self.retrain = stages_to_retrain(args.retrain, args)
         self.metrics = {}
         self.checksums = {}  # stage -> SHA-256 of its checkpoint's data, for the stages downstream
-        if swept := io.sweep_temp_files(self.out):
+        if distributed.is_main() and (swept := io.sweep_temp_files(self.out)):
             print(f"removed {len(swept)} temporary file(s) left by an interrupted write: {', '.join(swept)}")
         images, self.train_labels = load_dataset(args.dataset, "train")
         test_images, self.test_labels = load_dataset(args.dataset, "test")
@@ -234,14 +238,14 @@ class Run:
         path = self.out / f"{name}.safetensors"
         resume = self.out / f"{name}.resume.safetensors"
         produced_by = self.produced_by(name)
+        distributed.check_same({"checkpoint exists": path.exists()}, f"{path} (data parallel needs a shared folder)")
         if path.exists() and name not in self.retrain:
             summary = self.load_checked(name, path, model, produced_by)
-            if resume.exists():  # left by a crash between saving the checkpoint and removing it
-                resume.unlink()
+            resume.unlink(missing_ok=True)  # left by a crash between saving the checkpoint and removing it
             print(f"[{name}] loaded {path}")
         else:
-            if name in self.retrain and resume.exists():
-                resume.unlink()
+            if name in self.retrain:
+                resume.unlink(missing_ok=True)  # every rank, before it looks for one
             fingerprint = json.dumps(produced_by, sort_keys=True)
             try:
                 summary = fit(str(resume), fingerprint)
@@ -250,11 +254,12 @@ class Run:
                 raise JobError(f"{err}\nKept: {kept}every finished stage.") from None
             except ResumeMismatchError as err:
                 raise JobError(f"{err}; or pass --retrain {name}") from None
-            io.save_file(model.state_dict(), path,
-                         metadata={"summary": json.dumps(summary), "produced_by": json.dumps(produced_by)})
-            io.crash_point(f"{name} saved")
-            if resume.exists():
-                resume.unlink()
+            if distributed.is_main():  # data parallel: one rank writes
+                io.save_file(model.state_dict(), path,
+                             metadata={"summary": json.dumps(summary), "produced_by": json.dumps(produced_by)})
+                io.crash_point(f"{name} saved")
+                resume.unlink(missing_ok=True)
+            distributed.barrier(f"{name} checkpoint written by rank 0")  # the other ranks read its checksum below
             details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
             print(f"[{name}] {details}")
         self.checksums[name] = io.stored_checksum(path)
@@ -320,6 +325,7 @@ def stage_classifier(run):
     cfg = run.budget["classifier"]
 
     def loss_fn(idx):
+        idx = distributed.shard(idx)  # data parallel: this rank's slice of the global batch
         return F.cross_entropy(model(run.tensor(run.train_images[idx])), run.tensor(run.train_labels[idx]))
 
     def fit(resume, fingerprint):
@@ -349,7 +355,7 @@ def stage_vae(run, classifier):
         classifier.requires_grad_(False)  # a fixed judge of what looks like a digit: only the VAE learns
 
     def loss_fn(idx):
-        x = run.tensor(run.train_images[idx])
+        x = run.tensor(run.train_images[distributed.shard(idx)])
         posterior = model.encode(x)
         recon = model.decode(posterior.sample())
         loss = F.mse_loss(recon, x) + cfg["kl_weight"] * posterior.kl().mean()
@@ -395,6 +401,7 @@ def stage_clip(run, tokenizer):
     def loss_fn(idx):
         labels = run.train_labels[idx]
         ids = tokenizer([digit_captions(int(d), rng) for d in labels])
+        idx, labels, ids = distributed.shard(idx), distributed.shard(labels), distributed.shard(ids)
         positives = labels[:, None] == labels[None, :]  # captions of the same digit are matches too
         return model(run.tensor(ids), run.tensor(run.train_images[idx]), positives=positives)
 
@@ -433,6 +440,7 @@ def stage_unet(run, vae, clip, tokenizer):
         captions, caption_of = caption_bank(tokenizer)
         with tinysd.no_grad():
             states = clip.text_model(run.tensor(tokenizer(captions)))[0].numpy()  # (K, S, width)
+        distributed.broadcast_arrays([latents, states], "latents")  # rank 0's, bit for bit
         T = scheduler.num_train_timesteps
 
         def loss_fn(idx):
@@ -443,6 +451,8 @@ def stage_unet(run, vae, clip, tokenizer):
             noise = rng.standard_normal(x0.shape).astype(np.float32)
             t = rng.integers(0, T, len(idx))
             noisy = scheduler.add_noise(x0, noise, t)
+            # Data parallel: the draws above are the global batch's, so a rank's slice is what one process has.
+            noisy, t, which, noise = (distributed.shard(a) for a in (noisy, t, which, noise))
             pred = model(run.tensor(noisy), run.tensor(t), run.tensor(states[which]))
             return F.mse_loss(pred, run.tensor(noise))
 
@@ -559,6 +569,11 @@ def save_denoising_gif(run, pipe, scale=2):
 def main(argv=None):
     """Run the job; problems the user can fix raise JobError (the command line prints it without a traceback)."""
     args = parse_args(argv)
+    if args.data_parallel:
+        distributed.init(device=args.device)
+        args.threads = args.threads or max(1, (os.cpu_count() or 1) // distributed.local_world_size())
+        if not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")  # one rank reports; errors still reach stderr
     if args.threads:
         tinysd.set_num_threads(args.threads)
     elif args.device == "cpu" and (busy := busy_cores()) is not None and busy >= 0.5:
@@ -568,11 +583,19 @@ def main(argv=None):
               f"if training is slow, try --threads 1")
     start = time.perf_counter()
     run = Run(args)
+    here = Path(__file__).resolve()
+    distributed.check_same({
+        "arguments": {k: v for k, v in vars(args).items() if k != "threads"},
+        "code": distributed.source_digest([here, here.parent.parent / "tinysd", here.parent.parent / "kernels"]),
+        "training images": run.train_images, "training labels": run.train_labels,
+    }, "the run")
     tokenizer = Tokenizer()
     classifier = stage_classifier(run)
     vae = stage_vae(run, classifier)
     clip = stage_clip(run, tokenizer)
     unet = stage_unet(run, vae, clip, tokenizer)
+    if not distributed.is_main():
+        return  # rank 0 samples and writes the outputs
     scheduler_cls = DDIMScheduler if args.scheduler == "ddim" else DDPMScheduler
     scheduler = scheduler_cls(beta_schedule="squaredcos_cap_v2", clip_sample=False)
     pipe = TextToImage(vae, tokenizer, clip.text_model, unet, scheduler)

@@ -27,7 +27,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from . import io, optim
+from . import distributed, io, optim
 from .tensor import default_generator
 
 
@@ -81,6 +81,8 @@ def train(
     generator: the numpy Generator loss_fn draws from (default: tinysd's global one); its
     state is saved with the resume file. save_every: steps between resume files (default:
     a quarter of the run, at most 100).
+    Data parallel (see tinysd.distributed): batch_for_step gives the global batch, loss_fn
+    takes its rank's shard of it; only rank 0 shows progress and writes the resume file.
     """
     generator = generator or default_generator()
     save_every = save_every or max(1, min(100, steps // 4))
@@ -88,9 +90,14 @@ def train(
     start = 0
     if resume_path:
         start, losses = _load_resume(resume_path, model, optimizer, ema, generator, fingerprint)
+    # Data parallel (after distributed.init(); no-ops otherwise): every rank starts from rank 0's
+    # weights at the same step, and averages its gradients with the others' after each backward().
+    distributed.check_same({"resume step": start}, f"where {desc} starts")
+    distributed.broadcast_parameters(model.state_dict().values())
     model.train()
     t0, seen = time.perf_counter(), 0
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress, leave=False)
+    show = progress and distributed.is_main()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not show, leave=False)
     for step in bar:
         if lr_at is not None:
             optimizer.lr = _check_finite(desc, "learning rate", lr_at(step), step, steps)
@@ -98,6 +105,7 @@ def train(
         value = _check_finite(desc, "loss", loss.item(), step, steps)
         optimizer.zero_grad()
         loss.backward()
+        value = distributed.average_gradients(model.parameters(), value)  # the mean over ranks
         params = model.parameters()
         norm = optim.clip_grad_norm_(params, clip_norm) if clip_norm is not None else optim.grad_norm(params)
         _check_finite(desc, "gradient norm", norm, step, steps)
@@ -109,7 +117,7 @@ def train(
         rate = seen / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{rate:.0f}")
         io.crash_point(f"{desc} step {step + 1}")
-        if resume_path and (step + 1) % save_every == 0 and step + 1 < steps:
+        if resume_path and (step + 1) % save_every == 0 and step + 1 < steps and distributed.is_main():
             _save_resume(resume_path, model, optimizer, ema, generator, fingerprint, step + 1, losses)
     bar.close()
     wall = time.perf_counter() - t0

@@ -1,0 +1,128 @@
+"""Data-parallel training (tinysd.distributed): 2 ranks under mpiexec against 1 process.
+
+Each run starts tests/distributed_worker.py in fresh processes (one thread each, NumPy
+reference kernels so no process waits on Numba's compiler). Skipped where mpi4py or an
+mpiexec is missing.
+"""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinysd import distributed, io
+from tinysd.tensor import Tensor
+
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+
+
+def find_mpiexec():
+    beside_python = Path(sys.executable).parent / "mpiexec"  # the mpich wheel puts it in the venv's bin
+    return str(beside_python) if beside_python.exists() else shutil.which("mpiexec")
+
+
+needs_mpi = pytest.mark.skipif(
+    importlib.util.find_spec("mpi4py") is None or find_mpiexec() is None, reason="mpi4py or mpiexec is missing"
+)
+
+
+def run_worker(ranks, out, *flags, timeout=120):
+    """Run the worker on `ranks` processes (1: plain python); return (exit code, output, seconds)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
+               TINYSD_KERNELS="reference", PYTHONPATH=str(WORKER.parent.parent))
+    command = [sys.executable, str(WORKER), "--out", str(out), *flags]
+    if ranks > 1:
+        command = [find_mpiexec(), "-n", str(ranks), *command]
+    t0 = time.monotonic()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - t0
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = io.load_file(path_a), io.load_file(path_b)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(np.asarray(b[name]), np.asarray(a[name]), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: 1 process, global batch 16, 6 steps."""
+    out = tmp_path_factory.mktemp("dp") / "one.safetensors"
+    code, log, _ = run_worker(1, out)
+    assert code == 0, log
+    return out
+
+
+@needs_mpi
+def test_two_ranks_of_batch_8_equal_one_process_of_batch_16(one_process, tmp_path):
+    out = tmp_path / "two.safetensors"
+    code, log, _ = run_worker(2, out)
+    assert code == 0, log
+    assert "rank 1 of 2: done" in log
+    assert_same_weights(one_process, out)
+
+
+@needs_mpi
+def test_resume_after_a_killed_rank_with_another_number_of_ranks(one_process, tmp_path):
+    out = tmp_path / "resumed.safetensors"
+    code, log, seconds = run_worker(2, out, "--kill-rank", "1", "--at-step", "3", "--timeout", "20")
+    assert code != 0 and not out.exists(), log
+    assert seconds < 60, f"the surviving rank took {seconds:.0f} s to stop"
+    assert io.load_metadata(str(out) + ".resume")["step"] == "2"  # written by rank 0 every 2 steps
+    code, log, _ = run_worker(1, out)  # resume the 2-rank run in 1 process: the file holds the global state
+    assert code == 0 and "resuming" in log, log
+    assert_same_weights(one_process, out)
+
+
+@needs_mpi
+def test_a_hanging_rank_makes_the_others_abort_within_the_timeout(tmp_path):
+    # 10 s, not less: on a busy machine one rank may start seconds after the other.
+    code, log, seconds = run_worker(2, tmp_path / "hang.safetensors", "--hang-rank", "1", "--timeout", "10")
+    assert code != 0
+    assert "waited 10 s for the all-reduce of gradients" in log, log
+    assert seconds < 60, f"took {seconds:.0f} s"
+
+
+@needs_mpi
+def test_ranks_with_different_data_fail_with_a_clear_error(tmp_path):
+    code, log, _ = run_worker(2, tmp_path / "d.safetensors", "--other-data-rank", "1", "--timeout", "20")
+    assert code != 0
+    assert "data-parallel ranks disagree on the data: training images (ranks [1] differ from rank 0)" in log, log
+
+
+# ---- without mpiexec: one process, nothing to talk to ------------------------------------------------
+def test_single_process_functions_are_no_ops():
+    assert distributed.rank() == 0 and distributed.world_size() == 1 and distributed.is_main()
+    batch = np.arange(10)
+    assert distributed.shard(batch) is batch
+    p = Tensor(np.ones(3, dtype=np.float32), requires_grad=True)
+    p.grad = Tensor(np.full(3, 2.0, dtype=np.float32))
+    assert distributed.average_gradients([p], loss=1.5) == 1.5
+    np.testing.assert_array_equal(p.grad.data, 2.0)
+    distributed.check_same({"anything": np.zeros(2)})
+
+
+def test_gradients_travel_in_few_buffers_and_come_back_in_place():
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in [(3, 4), (5,), (2, 2, 2)]]
+    arrays.append(rng.standard_normal(7))  # float64: a new buffer
+    buckets = list(distributed._buckets(arrays))
+    assert [len(b) for b in buckets] == [3, 1]
+    flat = distributed._pack(buckets[0], extra=[9.0])
+    assert flat.shape == (12 + 5 + 8 + 1,) and flat[-1] == 9.0
+    expected = [a * 2 for a in buckets[0]]
+    distributed._unpack(flat * 2, buckets[0])
+    for a, e in zip(buckets[0], expected):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_the_library_never_imports_mpi4py():
+    code = "import sys, tinysd, tinysd.training, tinysd.distributed; assert 'mpi4py' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(WORKER.parent.parent)))
