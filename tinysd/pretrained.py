@@ -193,11 +193,11 @@ def load_weights(model, path, part, dtype=np.float32):
                 value = f.get_tensor(key)
             if value.ndim == 4 and target.ndim == 2 and value.shape[2:] == (1, 1):
                 value = value[:, :, 0, 0]  # old VAE attention projections stored as 1x1 convs
+            seen.add(name)
             if tuple(value.shape) != tuple(target.shape):
                 wrong.append(f"{key} {tuple(value.shape)} (ours {tuple(target.shape)})")
                 continue
             target.data[...] = value  # in place, cast to the model's dtype
-            seen.add(name)
             del value
     missing = [name for name in params if name not in seen]
     problems = []
