@@ -245,3 +245,20 @@ def test_conv_and_linear_projections_agree():
     x = tinysd.randn(2, 8, 3, 2)
     with no_grad():
         np.testing.assert_allclose(conv(x).numpy(), linear(x).numpy(), atol=1e-5)
+
+
+def test_example_script(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sd_example", os.path.join(os.path.dirname(__file__), "..", "examples", "stable_diffusion.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "cat.png"
+    example.main(["--model", FOLDER, "--prompt", "a cat", "--steps", "2", "--scheduler", "pndm", "--out", str(out)])
+    from PIL import Image
+
+    assert Image.open(out).size == (64, 64)
+    assert "3 steps" in capsys.readouterr().out  # PNDM redoes its first step: 2 steps are 3 UNet calls
+    with pytest.raises(SystemExit, match="no model_index.json"):
+        example.main(["--model", str(tmp_path), "--prompt", "a cat"])
