@@ -262,3 +262,18 @@ def test_example_script(tmp_path, capsys):
     assert "3 steps" in capsys.readouterr().out  # PNDM redoes its first step: 2 steps are 3 UNet calls
     with pytest.raises(SystemExit, match="no model_index.json"):
         example.main(["--model", str(tmp_path), "--prompt", "a cat"])
+
+
+def test_attention_in_slices_equals_one_call(monkeypatch):
+    from tinysd.nn import modules
+
+    attn = tinysd.nn.Attention(16, heads=4, dim_head=4)
+    x, ctx = tinysd.randn(3, 20, 16), tinysd.randn(3, 7, 16)
+    with no_grad():
+        whole = attn(x, ctx).numpy()
+        monkeypatch.setattr(modules, "ATTENTION_SLICE_BYTES", 20 * 7 * 4 * 5)  # 5 heads per slice: 3 slices
+        calls, sdpa = [], modules.F.scaled_dot_product_attention
+        monkeypatch.setattr(modules.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+        sliced = attn(x, ctx).numpy()
+    assert len(calls) == 3
+    np.testing.assert_allclose(sliced, whole, atol=1e-6)

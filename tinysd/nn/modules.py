@@ -18,8 +18,8 @@ import math
 
 import numpy as np
 
-from .. import backend
-from ..tensor import Tensor, _as_array, _looks_like_dtype
+from .. import backend, ops
+from ..tensor import Tensor, _as_array, _looks_like_dtype, is_grad_enabled
 from . import functional as F
 from . import init
 
@@ -573,6 +573,28 @@ class MaxPool2d(_Pool2d):
 
 
 # ---- attention -----------------------------------------------------------------------
+ATTENTION_SLICE_BYTES = 256 * 2**20
+
+
+def _attention_in_slices(q, k, v, mask, is_causal):
+    """F.scaled_dot_product_attention on (B, heads, S, D), a few heads at a time when it runs
+    without gradients and all heads' (S, S2) scores would exceed ATTENTION_SLICE_BYTES.
+
+    Stable Diffusion at 512x512 attends among 4,096 latent pixels: one head's scores take
+    64 MB in float32, all 2 x 8 heads of a guided step 1 GB. Heads are independent, so
+    slices give the same numbers. (Training keeps one call: backward needs the whole graph.)
+    """
+    b, h, sq, _ = q.shape
+    per_head = sq * k.shape[2] * q.dtype.itemsize
+    if is_grad_enabled() or mask is not None or b * h * per_head <= ATTENTION_SLICE_BYTES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    step = max(1, ATTENTION_SLICE_BYTES // per_head)
+    q, k, v = (t.reshape(b * h, *t.shape[2:]) for t in (q, k, v))
+    parts = [F.scaled_dot_product_attention(q[i:i + step], k[i:i + step], v[i:i + step], is_causal=is_causal)
+             for i in range(0, b * h, step)]
+    return ops.cat(parts, dim=0).reshape(b, h, sq, v.shape[-1])
+
+
 class Attention(Module):
     """Multi-head attention with diffusers' names (to_q, to_k, to_v, to_out).
 
@@ -619,7 +641,7 @@ class Attention(Module):
             elif mask.ndim == 3:  # (B, S, S2): the same for every head
                 mask = mask[:, None]
             attention_mask = mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
+        out = _attention_in_slices(q, k, v, attention_mask, is_causal)
         out = out.transpose(1, 2).reshape(b, s, self.heads * self.dim_head)
         for layer in self.to_out:
             out = layer(out)
