@@ -173,32 +173,56 @@ def _read_bf16(path, name):
     return (bits.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 
 
+REOPEN_BYTES = 256 * 2**20
+
+
+def read_tensors(path):
+    """Yield (name, float array) for every tensor of a safetensors file, one at a time.
+
+    safe_open maps the file into memory, and every page read stays counted in the process's
+    resident memory until the file is closed: reopening it every REOPEN_BYTES keeps what
+    loading holds at about the model's own size."""
+    with safe_open(path, framework="numpy") as f:
+        keys = list(f.keys())
+    done, f = 0, None
+    try:
+        for key in keys:
+            if f is None:
+                f = safe_open(path, framework="numpy").__enter__()
+            if f.get_slice(key).get_dtype() == "BF16":
+                value = _read_bf16(path, key)
+            else:
+                value = f.get_tensor(key)
+            done += value.nbytes
+            yield key, value
+            if done >= REOPEN_BYTES:  # (after the caller has copied the value)
+                f.__exit__(None, None, None)
+                f, done = None, 0
+    finally:
+        if f is not None:
+            f.__exit__(None, None, None)
+
+
 def load_weights(model, path, part, dtype=np.float32):
     """Copy every tensor of the safetensors file at `path` into `model`, one at a time, renamed
     by RENAMES[part]. Errors name missing, unexpected and mis-shaped weights."""
     params = dict(model.state_dict())
     seen, unexpected, wrong = set(), [], []
-    with safe_open(path, framework="numpy") as f:
-        for key in f.keys():
-            if key in IGNORED.get(part, ()):
-                continue
-            name = our_name(part, key)
-            target = params.get(name)
-            if target is None:
-                unexpected.append(key)
-                continue
-            if f.get_slice(key).get_dtype() == "BF16":
-                value = _read_bf16(path, key)
-            else:
-                value = f.get_tensor(key)
-            if value.ndim == 4 and target.ndim == 2 and value.shape[2:] == (1, 1):
-                value = value[:, :, 0, 0]  # old VAE attention projections stored as 1x1 convs
-            seen.add(name)
-            if tuple(value.shape) != tuple(target.shape):
-                wrong.append(f"{key} {tuple(value.shape)} (ours {tuple(target.shape)})")
-                continue
-            target.data[...] = value  # in place, cast to the model's dtype
-            del value
+    for key, value in read_tensors(path):
+        if key in IGNORED.get(part, ()):
+            continue
+        name = our_name(part, key)
+        target = params.get(name)
+        if target is None:
+            unexpected.append(key)
+            continue
+        if value.ndim == 4 and target.ndim == 2 and value.shape[2:] == (1, 1):
+            value = value[:, :, 0, 0]  # old VAE attention projections stored as 1x1 convs
+        seen.add(name)
+        if tuple(value.shape) != tuple(target.shape):
+            wrong.append(f"{key} {tuple(value.shape)} (ours {tuple(target.shape)})")
+            continue
+        target.data[...] = value  # in place, cast to the model's dtype
     missing = [name for name in params if name not in seen]
     problems = []
     if missing:
