@@ -171,18 +171,20 @@ def timing(folder, rounds, threads):
     torch.set_num_threads(threads)
     tinysd.set_num_threads(threads)
     ours, theirs = ours_step(*load_ours(folder, {})), diffusers_step(*load_diffusers(folder, {}))
-    a, b = ours[0](), theirs[0]()
-    print("unet max |ours - diffusers|:", float(np.abs(a - b).max()), "of", float(np.abs(b).max()))
-    a, b = ours[1](), theirs[1]()
-    print("vae decode max |ours - diffusers|:", float(np.abs(a - b).max()), "of", float(np.abs(b).max()))
     times = {k: [] for k in ("ours_unet", "diffusers_unet", "ours_decode", "diffusers_decode")}
-    for _ in range(rounds):
+    for round_ in range(rounds):
+        outputs = {}
         for key, fn in (("ours_unet", ours[0]), ("diffusers_unet", theirs[0]), ("ours_decode", ours[1]),
                         ("diffusers_decode", theirs[1])):
             start = time.perf_counter()
-            fn()
+            outputs[key] = fn()
             times[key].append(time.perf_counter() - start)
             print(key, round(times[key][-1], 2), flush=True)
+        if round_ == 0:  # the same numbers?
+            for what in ("unet", "decode"):
+                a, b = outputs[f"ours_{what}"], outputs[f"diffusers_{what}"]
+                print(f"{what}: max |ours - diffusers| = {float(np.abs(a - b).max()):.3g} "
+                      f"of max |diffusers| = {float(np.abs(b).max()):.3g}", flush=True)
     medians = {k: round(float(np.median(v)), 2) for k, v in times.items()}
     medians["unet_ratio"] = round(medians["ours_unet"] / medians["diffusers_unet"], 2)
     medians["decode_ratio"] = round(medians["ours_decode"] / medians["diffusers_decode"], 2)

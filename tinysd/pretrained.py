@@ -173,7 +173,7 @@ def _read_bf16(path, name):
     return (bits.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 
 
-REOPEN_BYTES = 256 * 2**20
+REOPEN_BYTES = 64 * 2**20
 
 
 def read_tensors(path):

@@ -191,7 +191,9 @@ class SchedulerBase:
         scheduler = cls(**{k: v for k, v in config.items() if k in known})
         # keep the other keys too, so a scheduler made from this one's config sees them
         scheduler.config.update({k: v for k, v in config.items() if k not in known and not k.startswith("_")})
-        scheduler.config["_use_default_values"] = [k for k in known if k not in config]
+        defaulted = [k for k in known if k not in config]
+        if defaulted:
+            scheduler.config["_use_default_values"] = defaulted
         return scheduler
 
     # -- helpers ------------------------------------------------------------------------------
