@@ -543,13 +543,13 @@ class PNDMScheduler(SchedulerBase):
     """Pseudo numerical methods for diffusion models (Liu et al. 2022), the PLMS variant
     (``skip_prk_steps=True``, as in Stable Diffusion's configs).
 
-    The DDIM-like transfer from t to t' = t - T // n with a noise estimate e (eq. 11):
+    The DDIM-like transfer from t to t' = t - T // n with a noise estimate e:
 
         x_{t'} = sqrt(abar_{t'} / abar_t) x_t
                  - (abar_{t'} - abar_t) e / (abar_t sqrt(1 - abar_{t'}) + sqrt(abar_t (1 - abar_t) abar_{t'}))
 
     and e is a linear multistep (Adams-Bashforth) combination of the last model outputs
-    e_k, e_{k-1}, ... (eq. 12): (55 e_k - 59 e_{k-1} + 37 e_{k-2} - 9 e_{k-3}) / 24 once four
+    e_k, e_{k-1}, ...: (55 e_k - 59 e_{k-1} + 37 e_{k-2} - 9 e_{k-3}) / 24 once four
     are known, lower orders before. The very first step is done twice: a plain step from
     t to t', then the model is asked again at t' and the step from t is redone with the mean
     of both outputs (a second-order start). That is why ``timesteps`` lists n + 1 entries,
@@ -637,8 +637,8 @@ class DPMSolverMultistepScheduler(SchedulerBase):
                              or + alpha_t ((e^{-h} - 1) / h + 1) D1              ("heun")
 
     where D0 = x0_hat(s), the model's x_0 estimate now, and D1 = (D0 - x0_hat(s_prev)) / r,
-    r = h_prev / h, a finite difference with the previous step's estimate (eq. 18 of the
-    DPM-Solver++ paper). The first step, and with ``lower_order_final`` the last one
+    r = h_prev / h, a finite difference with the previous step's estimate (the multistep
+    second-order update of the DPM-Solver++ paper). The first step, and with ``lower_order_final`` the last one
     (fewer than 15 steps, or a final sigma of 0), are first order.
     Timesteps and sigmas as in diffusers: sigma = sqrt((1 - abar) / abar) interpolated at
     the timesteps, then the final sigma (0, or sigma_min with final_sigmas_type="sigma_min").
