@@ -75,4 +75,13 @@ class cuda:
     is_available = staticmethod(backend.cuda_is_available)
 
 
+def __getattr__(name):
+    """`tinysd.StableDiffusionPipeline`, imported on first use (it pulls in the models)."""
+    if name == "StableDiffusionPipeline":
+        from .pipeline import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+    raise AttributeError(f"module 'tinysd' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"

@@ -19,6 +19,8 @@ The loop:
   4. decode the final latents with the VAE and map [-1, 1] to [0, 1].
 
 `img2img` starts instead from an existing image noised part of the way (`strength`).
+`StableDiffusionPipeline` (below) runs the same loop on a real Stable Diffusion 1.x/2.x folder
+in diffusers' format, with diffusers' call signature.
 Everything runs under no_grad, on the device of the UNet's parameters.
 
 Build the scheduler with `clip_sample=False` (diffusers' DDPM/DDIM default, True,
@@ -27,11 +29,14 @@ latents) and with the same beta schedule the UNet was trained with.
 """
 
 import math
+import os
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import backend, ops
+from . import backend, ops, pretrained, schedulers
+from .clip_tokenizer import CLIPTokenizer
 from .tensor import Tensor, no_grad
 
 
@@ -171,3 +176,127 @@ class TextToImage:
             latents = self.scheduler.add_noise(latents, noise, np.full(len(latents), timesteps[0]))
             return self._denoise(latents, timesteps, text_embeds, uncond_embeds, guidance_scale,
                                  rng, callback, progress)
+
+
+# ---- Stable Diffusion 1.x / 2.x from a diffusers folder ------------------------------------------
+SCHEDULERS = {
+    cls.__name__: cls for cls in (schedulers.PNDMScheduler, schedulers.DDIMScheduler, schedulers.DDPMScheduler,
+                                  schedulers.EulerDiscreteScheduler, schedulers.DPMSolverMultistepScheduler)
+}
+# the part folders model_index.json must list, with the class each must be
+PARTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+         "tokenizer": "CLIPTokenizer", "scheduler": None}
+
+
+@dataclass
+class StableDiffusionOutput:
+    """images: a list of PIL images, or an (N, H, W, 3) float32 array in [0, 1] (output_type="np")."""
+
+    images: object
+
+
+class StableDiffusionPipeline(TextToImage):
+    """Text -> image with a Stable Diffusion 1.x/2.x checkpoint, shaped like diffusers' pipeline:
+
+        pipe = StableDiffusionPipeline.from_pretrained("path/to/stable-diffusion-v1-5")
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)   # optional
+        image = pipe("a photo of an astronaut riding a horse", num_inference_steps=25, seed=0).images[0]
+
+    The loop is TextToImage's; this class adds reading the folder, diffusers' arguments
+    (num_images_per_prompt, latents, output_type) and images as (H, W, 3).
+    """
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, sample_size=64):
+        super().__init__(vae, tokenizer, text_encoder, unet, scheduler)
+        self.default_size = sample_size * vae.downscale_factor  # the UNet's training size in pixels
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=np.float32, variant=None):
+        """Read a diffusers-format folder (see tinysd.pretrained). Nothing is downloaded:
+        `folder` is a local path, e.g. what `huggingface-cli download` wrote."""
+        folder = os.fspath(folder)
+        index_path = os.path.join(folder, "model_index.json")
+        if not os.path.isfile(index_path):
+            raise FileNotFoundError(
+                f"{folder}: no model_index.json; give the folder of a diffusers-format Stable Diffusion pipeline "
+                "(e.g. downloaded with `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 "
+                "--local-dir FOLDER`)"
+            )
+        index = pretrained.read_json(index_path)
+        if index.get("_class_name") not in ("StableDiffusionPipeline", None):
+            raise ValueError(f"{folder}: model_index.json says {index.get('_class_name')}, not StableDiffusionPipeline")
+        for part, expected in PARTS.items():
+            listed = index.get(part)
+            if not listed or listed[1] is None:
+                raise ValueError(f"{folder}: model_index.json lists no {part}")
+            if expected and listed[1] != expected:
+                raise ValueError(f"{folder}: {part} is a {listed[1]}; tinysd reads {expected}")
+            if not os.path.isdir(os.path.join(folder, part)):
+                raise FileNotFoundError(f"{folder}: the {part}/ folder is missing")
+        scheduler_name = index["scheduler"][1]
+        if scheduler_name not in SCHEDULERS:
+            raise ValueError(f"{folder}: scheduler {scheduler_name} is not one of {sorted(SCHEDULERS)}")
+        scheduler_config = os.path.join(folder, "scheduler", "scheduler_config.json")
+        if not os.path.isfile(scheduler_config):
+            raise FileNotFoundError(f"{folder}: missing scheduler/scheduler_config.json")
+        parts = {part: pretrained.load_part(folder, part, dtype, variant) for part in ("unet", "vae", "text_encoder")}
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+        scheduler = SCHEDULERS[scheduler_name].from_config(scheduler_config)
+        sample_size = pretrained.read_json(os.path.join(folder, "unet", "config.json")).get("sample_size", 64)
+        return cls(parts["vae"], parts["text_encoder"], tokenizer, parts["unet"], scheduler, sample_size)
+
+    def to(self, device):
+        """Move the three models to "cpu" or "cuda"; returns the pipeline."""
+        for model in (self.unet, self.vae, self.text_encoder):
+            model.to(device)
+        return self
+
+    def encode_prompt(self, prompts):
+        """Prompts -> the text encoder's last hidden states (N, 77, width), on the UNet's device."""
+        ids = self.tokenizer(list(prompts))
+        hidden, _ = self.text_encoder(backend.to_device(ids, self.text_encoder.final_layer_norm.weight.device))
+        return hidden.to(self.device).to(self.dtype)
+
+    def __call__(self, prompt, height=None, width=None, num_inference_steps=50, guidance_scale=7.5,
+                 negative_prompt=None, num_images_per_prompt=1, generator=None, seed=None, latents=None,
+                 output_type="pil", callback=None, progress=True):
+        """Draw num_images_per_prompt images per prompt; returns StableDiffusionOutput(images).
+
+        height, width: multiples of 8 (default: the UNet's training size, 512 for SD 1.5).
+        generator (a numpy.random.Generator) or seed (an int) draws the starting noise;
+        latents (N, 4, height/8, width/8) gives it instead, as in diffusers: the pipeline
+        multiplies it by the scheduler's init_noise_sigma. guidance_scale > 1 runs
+        classifier-free guidance against negative_prompt ("" when None).
+        callback(step, timestep, latents, decode_fn) after every step.
+        """
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"StableDiffusionPipeline: output_type must be 'pil' or 'np', got {output_type!r}")
+        f = self.vae.downscale_factor
+        height, width = height or self.default_size, width or self.default_size
+        if height % f or width % f:
+            raise ValueError(f"StableDiffusionPipeline: height {height} and width {width} must be multiples of {f}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            negative_prompt = [n for n in negative_prompt for _ in range(num_images_per_prompt)]
+        shape = (len(prompts), self.unet.in_channels, height // f, width // f)
+        rng = generator if generator is not None else np.random.default_rng(seed)
+        if latents is None:
+            latents = rng.standard_normal(shape, dtype=np.float32)
+        else:
+            latents = latents.numpy() if isinstance(latents, Tensor) else backend.to_device(latents, "cpu")
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"StableDiffusionPipeline: latents {tuple(latents.shape)}, expected {shape}")
+        with no_grad():
+            prompts, text_embeds, uncond_embeds = self._conditions(
+                prompts, negative_prompt, guidance_scale if guidance_scale > 1.0 else 1.0)
+            self.scheduler.set_timesteps(num_inference_steps)
+            latents = self._to_device(np.asarray(latents, dtype=np.float32) * self.scheduler.init_noise_sigma)
+            images = self._denoise(latents, self.scheduler.timesteps, text_embeds, uncond_embeds, guidance_scale,
+                                   rng, callback, progress)
+        images = images.transpose(0, 2, 3, 1)  # (N, H, W, 3)
+        if output_type == "pil":
+            from PIL import Image
+
+            images = [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
+        return StableDiffusionOutput(images=images)

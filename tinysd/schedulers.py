@@ -15,6 +15,8 @@ from x_t and t.  A scheduler turns that prediction into a slightly less noisy sa
 * ``DDPMScheduler``: ancestral sampling with the true posterior q(x_{t-1} | x_t, x_0).
 * ``DDIMScheduler``: the DDIM update, deterministic when eta = 0, so it can skip steps.
 * ``EulerDiscreteScheduler``: Euler's method on the probability-flow ODE, in sigma units.
+* ``PNDMScheduler``: pseudo linear multistep (PLMS), what Stable Diffusion 1 folders name.
+* ``DPMSolverMultistepScheduler``: DPM-Solver++(2M), good images in 20-25 steps.
 
 The names and semantics follow Hugging Face diffusers (config keys, ``set_timesteps``,
 ``scale_model_input``, ``step``, ``add_noise``) and give the same numbers for the same
@@ -161,7 +163,7 @@ class SchedulerBase:
         return self.num_train_timesteps
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
 
     @classmethod
@@ -182,8 +184,19 @@ class SchedulerBase:
                     f"{cls.__name__}.from_config: {key}={config[key]!r} is not implemented in tinysd "
                     f"(only {key}={off!r})"
                 )
-        known = inspect.signature(cls.__init__).parameters
-        return cls(**{k: v for k, v in config.items() if k in known and k != "self"})
+        # Keys that the config's own scheduler filled with ITS defaults do not carry over
+        # ("_use_default_values", as in diffusers): DPM-Solver made from a PNDM config keeps
+        # its own timestep_spacing default instead of inheriting PNDM's.
+        defaulted = set(config.get("_use_default_values", ()))
+        config = {k: v for k, v in config.items() if k not in defaulted}
+        known = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+        scheduler = cls(**{k: v for k, v in config.items() if k in known})
+        # keep the other keys too, so a scheduler made from this one's config sees them
+        scheduler.config.update({k: v for k, v in config.items() if k not in known and not k.startswith("_")})
+        defaulted = [k for k in known if k not in config]
+        if defaulted:
+            scheduler.config["_use_default_values"] = defaulted
+        return scheduler
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -526,3 +539,224 @@ class EulerDiscreteScheduler(SchedulerBase):
         derivative = (sample - x0) / sigma
         prev_sample = sample + derivative * (sigma_next - sigma)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+class PNDMScheduler(SchedulerBase):
+    """Pseudo numerical methods for diffusion models (Liu et al. 2022), the PLMS variant
+    (``skip_prk_steps=True``, as in Stable Diffusion's configs).
+
+    The DDIM-like transfer from t to t' = t - T // n with a noise estimate e:
+
+        x_{t'} = sqrt(abar_{t'} / abar_t) x_t
+                 - (abar_{t'} - abar_t) e / (abar_t sqrt(1 - abar_{t'}) + sqrt(abar_t (1 - abar_t) abar_{t'}))
+
+    and e is a linear multistep (Adams-Bashforth) combination of the last model outputs
+    e_k, e_{k-1}, ...: (55 e_k - 59 e_{k-1} + 37 e_{k-2} - 9 e_{k-3}) / 24 once four
+    are known, lower orders before. The very first step is done twice: a plain step from
+    t to t', then the model is asked again at t' and the step from t is redone with the mean
+    of both outputs (a second-order start). That is why ``timesteps`` lists n + 1 entries,
+    the second one twice. ``step`` keeps the past outputs: call ``set_timesteps`` before each image.
+    Runge-Kutta warm-up steps (``skip_prk_steps=False``) are not implemented.
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        skip_prk_steps=False,
+        set_alpha_to_one=False,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=0,
+    ):
+        self._setup(locals())
+        if not skip_prk_steps:
+            raise ValueError("PNDMScheduler: only skip_prk_steps=True (PLMS, Stable Diffusion's setting) is implemented")
+        if prediction_type == "sample":
+            raise ValueError("PNDMScheduler: prediction_type 'sample' is not supported (epsilon or v_prediction)")
+        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
+        self._reset()
+
+    def _reset(self):
+        self.ets, self.counter, self.cur_sample = [], 0, None
+
+    def set_timesteps(self, num_inference_steps):
+        """n spaced timesteps (see ``spaced_timesteps``, rounded), the second largest repeated."""
+        c = self.config
+        t = spaced_timesteps(self.num_train_timesteps, num_inference_steps, c["timestep_spacing"], c["steps_offset"])
+        t = np.round(t).astype(np.int64)  # largest first
+        self.timesteps = np.concatenate([t[:1], t[1:2], t[1:]]) if len(t) > 1 else t
+        self.num_inference_steps = int(num_inference_steps)
+        self._reset()
+
+    def _transfer(self, sample, t, prev_t, eps):
+        """The x_t -> x_{t'} formula of the class docstring (v_prediction turned into eps first)."""
+        abar_t = float(self.alphas_cumprod[t])
+        abar_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
+        if self.config["prediction_type"] == "v_prediction":
+            eps = abar_t**0.5 * eps + (1 - abar_t) ** 0.5 * sample
+        denom = abar_t * (1 - abar_prev) ** 0.5 + (abar_t * (1 - abar_t) * abar_prev) ** 0.5
+        return (abar_prev / abar_t) ** 0.5 * sample - (abar_prev - abar_t) / denom * eps
+
+    def step(self, model_output, timestep, sample, generator=None):
+        """One PLMS step; ``generator`` is accepted for a uniform API and unused."""
+        if self.num_inference_steps is None:
+            raise ValueError("PNDMScheduler.step: call set_timesteps(num_inference_steps) first")
+        self._check_step_args(model_output, sample)
+        t = self._int_timestep(timestep)
+        stride = self.num_train_timesteps // self.num_inference_steps
+        prev_t = t - stride
+        if self.counter == 1:  # the repeated first step: redo t -> t' with the mean of two outputs
+            t, prev_t = t + stride, t
+            eps = (model_output + self.ets[-1]) / 2
+            sample, self.cur_sample = self.cur_sample, None
+        else:
+            self.ets = self.ets[-3:] + [model_output]
+            e = self.ets[::-1]  # newest first
+            if len(e) == 1:
+                eps, self.cur_sample = model_output, sample
+            elif len(e) == 2:
+                eps = (3 * e[0] - e[1]) / 2
+            elif len(e) == 3:
+                eps = (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12
+            else:
+                eps = (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24
+        self.counter += 1
+        prev_sample = self._transfer(sample, t, prev_t, eps)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=None)
+
+
+class DPMSolverMultistepScheduler(SchedulerBase):
+    """DPM-Solver++ (Lu et al. 2022), multistep, second order ("2M"), in data (x_0) prediction.
+
+    With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and lambda_t = log(alpha_t / sigma_t)
+    (half the log signal-to-noise ratio), each step goes from s to t with h = lambda_t - lambda_s:
+
+        first order (DDIM):  x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D0
+        second order:        the same, plus - 0.5 alpha_t (e^{-h} - 1) D1       ("midpoint")
+                             or + alpha_t ((e^{-h} - 1) / h + 1) D1              ("heun")
+
+    where D0 = x0_hat(s), the model's x_0 estimate now, and D1 = (D0 - x0_hat(s_prev)) / r,
+    r = h_prev / h, a finite difference with the previous step's estimate (the multistep
+    second-order update of the DPM-Solver++ paper). The first step, and with ``lower_order_final`` the last one
+    (fewer than 15 steps, or a final sigma of 0), are first order.
+    Timesteps and sigmas as in diffusers: sigma = sqrt((1 - abar) / abar) interpolated at
+    the timesteps, then the final sigma (0, or sigma_min with final_sigmas_type="sigma_min").
+    """
+
+    _unsupported = {
+        **SchedulerBase._unsupported,
+        "thresholding": False,
+        "algorithm_type": "dpmsolver++",
+        "euler_at_final": False,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "use_lu_lambdas": False,
+        "use_flow_sigmas": False,
+        "use_dynamic_shifting": False,
+        "variance_type": None,
+        "lambda_min_clipped": -math.inf,
+    }
+
+    def __init__(
+        self,
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        solver_order=2,
+        prediction_type="epsilon",
+        solver_type="midpoint",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+        timestep_spacing="linspace",
+        steps_offset=0,
+    ):
+        self._setup(locals())
+        if solver_order not in (1, 2):
+            raise ValueError(f"DPMSolverMultistepScheduler: solver_order {solver_order} is not supported (1 or 2)")
+        if solver_type not in ("midpoint", "heun"):
+            raise ValueError(f"DPMSolverMultistepScheduler: solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+        if final_sigmas_type not in ("zero", "sigma_min"):
+            raise ValueError(
+                f"DPMSolverMultistepScheduler: final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}"
+            )
+        self.sigmas = None
+        self._x0_history, self._step_index = [], None
+
+    def set_timesteps(self, num_inference_steps):
+        """n timesteps: for "linspace", round(linspace(0, T - 1, n + 1)) without its 0; for "leading",
+        multiples of T // (n + 1) plus steps_offset; "trailing" as in ``spaced_timesteps``."""
+        c = self.config
+        T, n = self.num_train_timesteps, int(num_inference_steps)
+        if not 1 <= n <= T:
+            raise ValueError(f"num_inference_steps must be between 1 and num_train_timesteps={T}, got {n}")
+        if c["timestep_spacing"] == "linspace":
+            t = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+        elif c["timestep_spacing"] == "leading":
+            t = (np.arange(n + 1) * (T // (n + 1))).round()[::-1][:-1] + c["steps_offset"]
+        else:
+            t = spaced_timesteps(T, n, "trailing")
+        self.timesteps = t.astype(np.int64)
+        abar = self.alphas_cumprod
+        train_sigmas = ((1 - abar) / abar) ** np.float32(0.5)
+        last = 0.0 if c["final_sigmas_type"] == "zero" else float(train_sigmas[0])
+        sigmas = np.interp(self.timesteps, np.arange(T), train_sigmas)
+        self.sigmas = np.append(sigmas, last).astype(np.float32)
+        self.num_inference_steps = n
+        self._x0_history, self._step_index = [], None
+
+    @staticmethod
+    def _alpha_sigma(sigma):
+        """From sigma = sigma_t / alpha_t back to (alpha_t, sigma_t), alpha_t^2 + sigma_t^2 = 1."""
+        alpha = 1.0 / (sigma * sigma + 1.0) ** 0.5
+        return alpha, sigma * alpha
+
+    def _lambda(self, sigma):
+        alpha, sigma_t = self._alpha_sigma(sigma)
+        return math.log(alpha) - math.log(sigma_t) if sigma_t > 0 else math.inf
+
+    def step(self, model_output, timestep, sample, generator=None):
+        """One DPM-Solver++ step; see the class docstring. ``generator`` is unused (no SDE variant)."""
+        if self.num_inference_steps is None:
+            raise ValueError("DPMSolverMultistepScheduler.step: call set_timesteps(num_inference_steps) first")
+        self._check_step_args(model_output, sample)
+        if self._step_index is None:
+            where = np.flatnonzero(self.timesteps == int(timestep))
+            if where.size == 0:
+                raise ValueError(f"DPMSolverMultistepScheduler: timestep {timestep} is not one of scheduler.timesteps")
+            self._step_index = int(where[1] if where.size > 1 else where[0])
+        i, n = self._step_index, len(self.timesteps)
+        sigma_s, sigma_t = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        alpha_s, sigma_s_t = self._alpha_sigma(sigma_s)
+        alpha_t, sigma_t_t = self._alpha_sigma(sigma_t)
+
+        # the model's x_0 estimate at s
+        kind = self.config["prediction_type"]
+        if kind == "epsilon":
+            x0 = (sample - sigma_s_t * model_output) / alpha_s
+        elif kind == "v_prediction":
+            x0 = alpha_s * sample - sigma_s_t * model_output
+        else:
+            x0 = model_output
+        self._x0_history = (self._x0_history + [x0])[-2:]
+
+        final = i == n - 1 and (
+            (self.config["lower_order_final"] and n < 15) or self.config["final_sigmas_type"] == "zero"
+        )
+        first_order = self.config["solver_order"] == 1 or len(self._x0_history) < 2 or final
+        h = self._lambda(sigma_t) - self._lambda(sigma_s)
+        decay = math.expm1(-h) if math.isfinite(h) else -1.0  # e^{-h} - 1
+        prev_sample = (sigma_t_t / sigma_s_t) * sample - (alpha_t * decay) * x0
+        if not first_order:
+            h_prev = self._lambda(sigma_s) - self._lambda(float(self.sigmas[i - 1]))
+            d1 = (x0 - self._x0_history[0]) * (h / h_prev)
+            if self.config["solver_type"] == "midpoint":
+                prev_sample = prev_sample - 0.5 * (alpha_t * decay) * d1
+            else:
+                prev_sample = prev_sample + (alpha_t * (decay / h + 1.0)) * d1
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=prev_sample.astype(sample.dtype, copy=False), pred_original_sample=x0)

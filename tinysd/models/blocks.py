@@ -51,13 +51,23 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """A learned 2x downsampling: 3x3 conv with stride 2 and padding 1."""
+    """A learned 2x downsampling: 3x3 conv with stride 2.
 
-    def __init__(self, channels, out_channels=None):
+    padding=1 pads every side by 1. padding=0 is how diffusers' (and Stable Diffusion's)
+    VAE encoder does it: pad one zero row and column at the bottom and right only, then
+    convolve without padding. Same output size, shifted by half a pixel.
+    """
+
+    def __init__(self, channels, out_channels=None, padding=1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
+        if padding not in (0, 1):
+            raise ValueError(f"Downsample2D: padding must be 1 (every side) or 0 (right/bottom only), got {padding}")
+        self.asymmetric = padding == 0
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
 
     def forward(self, x):
+        if self.asymmetric:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -171,27 +181,36 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2DModel(nn.Module):
     """Attention on a feature map: x + proj_out(blocks(proj_in(GroupNorm(x) as tokens))).
 
-    Each of the H*W pixels is a token of `channels` features (Stable Diffusion 2's
-    linear projections in and out).
+    Each of the H*W pixels is a token of `channels` features. use_linear_projection=True
+    projects the tokens with Linear layers (Stable Diffusion 2); False uses 1x1 convolutions
+    on the feature map (Stable Diffusion 1, weights (inner, channels, 1, 1)): the same map
+    per pixel, stored in another shape.
     """
 
     def __init__(self, channels, heads, dim_head, cross_attention_dim=None, groups=32, num_layers=1,
-                 ff_mult=4, gated_ff=True):
+                 ff_mult=4, gated_ff=True, use_linear_projection=True):
         super().__init__()
         inner = heads * dim_head
+        self.use_linear_projection = use_linear_projection
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner)
+        self.proj_in = nn.Linear(channels, inner) if use_linear_projection else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList([
             BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim, ff_mult, gated_ff)
             for _ in range(num_layers)
         ])
-        self.proj_out = nn.Linear(inner, channels)
+        self.proj_out = nn.Linear(inner, channels) if use_linear_projection else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x, encoder_hidden_states=None):
-        h = self.proj_in(_to_tokens(self.norm(x)))
+        if self.use_linear_projection:
+            h = self.proj_in(_to_tokens(self.norm(x)))
+        else:
+            h = _to_tokens(self.proj_in(self.norm(x)))
         for block in self.transformer_blocks:
             h = block(h, encoder_hidden_states)
-        return x + _to_image(self.proj_out(h), x.shape)
+        b, _, height, width = x.shape
+        if self.use_linear_projection:
+            return x + _to_image(self.proj_out(h), x.shape)
+        return x + self.proj_out(_to_image(h, (b, h.shape[2], height, width)))
 
 
 class DownBlock2D(nn.Module):
@@ -203,15 +222,16 @@ class DownBlock2D(nn.Module):
     """
 
     def __init__(self, in_channels, out_channels, num_layers=1, temb_channels=None, groups=32,
-                 add_downsample=True, make_attention=None):
+                 add_downsample=True, make_attention=None, eps=1e-6, downsample_padding=1):
         super().__init__()
         self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups)
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps)
             for i in range(num_layers)
         ])
         self.attentions = nn.ModuleList([make_attention(out_channels) for _ in range(num_layers)]) \
             if make_attention else None
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=downsample_padding)]) \
+            if add_downsample else None
 
     def forward(self, x, temb=None, encoder_hidden_states=None):
         skips = []
@@ -229,9 +249,9 @@ class DownBlock2D(nn.Module):
 class MidBlock2D(nn.Module):
     """The bottleneck: resnet, optional attention, resnet, at constant channels and size."""
 
-    def __init__(self, channels, temb_channels=None, groups=32, attention=None):
+    def __init__(self, channels, temb_channels=None, groups=32, attention=None, eps=1e-6):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, temb_channels, groups) for _ in range(2)])
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, temb_channels, groups, eps) for _ in range(2)])
         self.attentions = nn.ModuleList([attention]) if attention is not None else None
 
     def forward(self, x, temb=None, encoder_hidden_states=None):
@@ -251,13 +271,13 @@ class UpBlock2D(nn.Module):
     """
 
     def __init__(self, in_channels, out_channels, num_layers=1, temb_channels=None, groups=32,
-                 add_upsample=True, make_attention=None, skip_channels=None):
+                 add_upsample=True, make_attention=None, skip_channels=None, eps=1e-6):
         super().__init__()
         skip_channels = list(skip_channels) if skip_channels else [0] * num_layers
         if len(skip_channels) != num_layers:
             raise ValueError(f"UpBlock2D: {len(skip_channels)} skip_channels for {num_layers} layers")
         self.resnets = nn.ModuleList([
-            ResnetBlock2D((in_channels if i == 0 else out_channels) + skip, out_channels, temb_channels, groups)
+            ResnetBlock2D((in_channels if i == 0 else out_channels) + skip, out_channels, temb_channels, groups, eps)
             for i, skip in enumerate(skip_channels)
         ])
         self.attentions = nn.ModuleList([make_attention(out_channels) for _ in range(num_layers)]) \

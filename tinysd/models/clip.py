@@ -55,16 +55,29 @@ class CLIPTextEmbeddings(nn.Module):
         return self.token_embedding(ids) + self.position_embedding(positions)
 
 
-class CLIPMLP(nn.Module):
-    """fc1 -> GELU -> fc2, per token (4x wider in the middle)."""
+def quick_gelu(x):
+    """x * sigmoid(1.702 x): OpenAI CLIP's fast approximation of GELU (what Stable
+    Diffusion's text encoder was trained with, `hidden_act: quick_gelu`)."""
+    return x * ops.sigmoid(1.702 * x)
 
-    def __init__(self, width, mult=4):
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
+class CLIPMLP(nn.Module):
+    """fc1 -> activation -> fc2, per token (4x wider in the middle unless intermediate_size says)."""
+
+    def __init__(self, width, mult=4, intermediate_size=None, hidden_act="gelu"):
         super().__init__()
-        self.fc1 = nn.Linear(width, width * mult)
-        self.fc2 = nn.Linear(width * mult, width)
+        if hidden_act not in ACTIVATIONS:
+            raise ValueError(f"CLIPMLP: hidden_act {hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        inner = intermediate_size or width * mult
+        self.act = ACTIVATIONS[hidden_act]
+        self.fc1 = nn.Linear(width, inner)
+        self.fc2 = nn.Linear(inner, width)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -74,12 +87,12 @@ class CLIPEncoderLayer(nn.Module):
         x = x + mlp(layer_norm2(x))
     """
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, intermediate_size=None, hidden_act="gelu", eps=1e-5):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(width)
+        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
         self.self_attn = nn.Attention(width, heads=heads, dim_head=width // heads, bias=True)
-        self.layer_norm2 = nn.LayerNorm(width)
-        self.mlp = CLIPMLP(width)
+        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = CLIPMLP(width, intermediate_size=intermediate_size, hidden_act=hidden_act)
 
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x), is_causal=True)
@@ -87,9 +100,9 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, width, layers, heads):
+    def __init__(self, width, layers, heads, **layer_options):
         super().__init__()
-        self.layers = nn.ModuleList([CLIPEncoderLayer(width, heads) for _ in range(layers)])
+        self.layers = nn.ModuleList([CLIPEncoderLayer(width, heads, **layer_options) for _ in range(layers)])
 
     def forward(self, x):
         for layer in self.layers:
@@ -104,17 +117,23 @@ class CLIPTextModel(nn.Module):
     is the only position that has read the whole caption. `text_projection(pooled)`
     is the caption's vector in the shared image-text space. eos_token_id is the
     tokenizer's EOS id (2 in tinysd.tokenizer); every row must contain one.
+
+    To load transformers' CLIPTextModel (Stable Diffusion's text encoder, via
+    tinysd.pretrained): intermediate_size (the MLP width, default 4 * width),
+    hidden_act="quick_gelu", layer_norm_eps, and projection_dim=None (no text_projection).
     """
 
-    def __init__(self, vocab_size, context_length=16, width=64, layers=2, heads=4, projection_dim=64, eos_token_id=2):
+    def __init__(self, vocab_size, context_length=16, width=64, layers=2, heads=4, projection_dim=64, eos_token_id=2,
+                 intermediate_size=None, hidden_act="gelu", layer_norm_eps=1e-5):
         super().__init__()
         if width % heads:
             raise ValueError(f"CLIPTextModel: width {width} must be divisible by heads {heads}")
         self.context_length, self.width, self.eos_token_id = context_length, width, eos_token_id
         self.embeddings = CLIPTextEmbeddings(vocab_size, context_length, width)
-        self.encoder = CLIPEncoder(width, layers, heads)
-        self.final_layer_norm = nn.LayerNorm(width)
-        self.text_projection = nn.Linear(width, projection_dim, bias=False)
+        self.encoder = CLIPEncoder(width, layers, heads, intermediate_size=intermediate_size, hidden_act=hidden_act,
+                                   eps=layer_norm_eps)
+        self.final_layer_norm = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.text_projection = nn.Linear(width, projection_dim, bias=False) if projection_dim else None
 
     def forward(self, input_ids):
         ids = _ids_tensor(input_ids, self.final_layer_norm.weight.device)

@@ -77,11 +77,16 @@ class UNet2DConditionModel(nn.Module):
     block_out_channels[i]: channels at level i (resolution / 2**i).
     layers_per_block: resnets per down level (the up levels have one more).
     attention_levels[i]: put a Transformer2DModel after each resnet of level i (the mid
-        block gets one when any level has one). attention_head_dim: channels per head.
+        block gets one when any level has one). attention_head_dim: channels per head,
+        unless num_attention_heads gives the head COUNT (an int, or one per level; Stable
+        Diffusion 1's 8 heads everywhere, which its config calls attention_head_dim=8).
     cross_attention_dim: width of encoder_hidden_states (text); None for no cross-attention.
     num_class_embeds: number of class labels (e.g. 10 digits, or 11 with a "no digit"
         label for classifier-free guidance); None for none.
     ff_mult, gated_ff: the transformer's feed-forward width multiplier and GEGLU vs GELU.
+    norm_eps: the GroupNorm epsilon of the resnets and of conv_norm_out (SD: 1e-5).
+    use_linear_projection: Linear (True) or 1x1-conv (False, SD 1) proj_in/proj_out.
+    flip_sin_to_cos, freq_shift: the sinusoidal timestep embedding's layout (see timestep_embedding).
 
     The default, for 4x8x8 MNIST latents (levels at 8x8 and 4x4) and 64-wide text embeddings,
     has about 0.96M parameters; block_out_channels=(64, 128) gives 3.7M (and ~4x the compute).
@@ -89,7 +94,9 @@ class UNet2DConditionModel(nn.Module):
 
     def __init__(self, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
                  cross_attention_dim=64, attention_head_dim=16, norm_num_groups=8, attention_levels=None,
-                 num_class_embeds=None, transformer_layers=1, ff_mult=2, gated_ff=True, zero_init_out=True):
+                 num_class_embeds=None, transformer_layers=1, ff_mult=2, gated_ff=True, zero_init_out=True,
+                 num_attention_heads=None, norm_eps=1e-6, use_linear_projection=True, flip_sin_to_cos=True,
+                 freq_shift=0.0):
         super().__init__()
         levels = len(block_out_channels)
         attention_levels = tuple(attention_levels) if attention_levels is not None else (True,) * levels
@@ -98,8 +105,18 @@ class UNet2DConditionModel(nn.Module):
                 f"UNet2DConditionModel: attention_levels {attention_levels} needs one entry per level of "
                 f"block_out_channels {tuple(block_out_channels)}"
             )
+        if num_attention_heads is None:
+            heads = tuple(c // attention_head_dim for c in block_out_channels)
+        else:
+            heads = (num_attention_heads,) * levels if isinstance(num_attention_heads, int) \
+                else tuple(num_attention_heads)
+        if len(heads) != levels or any(h < 1 or c % h for c, h in zip(block_out_channels, heads)):
+            raise ValueError(
+                f"UNet2DConditionModel: {heads} heads do not divide block_out_channels {tuple(block_out_channels)} "
+                "level by level"
+            )
         for c in block_out_channels:
-            if c % norm_num_groups or c % attention_head_dim:
+            if c % norm_num_groups or (num_attention_heads is None and c % attention_head_dim):
                 raise ValueError(
                     f"UNet2DConditionModel: block_out_channels {tuple(block_out_channels)} must be multiples of "
                     f"norm_num_groups={norm_num_groups} and attention_head_dim={attention_head_dim}"
@@ -108,13 +125,15 @@ class UNet2DConditionModel(nn.Module):
         self.cross_attention_dim, self.num_class_embeds = cross_attention_dim, num_class_embeds
         groups = norm_num_groups
 
-        def attention(channels):
-            return Transformer2DModel(channels, channels // attention_head_dim, attention_head_dim,
-                                      cross_attention_dim, groups, transformer_layers, ff_mult, gated_ff)
+        def attention_at(level):
+            def attention(channels):
+                return Transformer2DModel(channels, heads[level], channels // heads[level], cross_attention_dim,
+                                          groups, transformer_layers, ff_mult, gated_ff, use_linear_projection)
+            return attention
 
         time_embed_dim = block_out_channels[0] * 4
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
-        self.time_proj = Timesteps(block_out_channels[0])
+        self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim)
         self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
 
@@ -122,25 +141,25 @@ class UNet2DConditionModel(nn.Module):
         for i, out in enumerate(block_out_channels):
             last = i == levels - 1
             down.append(DownBlock2D(channels, out, layers_per_block, time_embed_dim, groups, add_downsample=not last,
-                                    make_attention=attention if attention_levels[i] else None))
+                                    make_attention=attention_at(i) if attention_levels[i] else None, eps=norm_eps))
             skip_channels += [out] * (layers_per_block + (0 if last else 1))
             channels = out
         self.down_blocks = nn.ModuleList(down)
 
         self.mid_block = MidBlock2D(channels, time_embed_dim, groups,
-                                    attention(channels) if any(attention_levels) else None)
+                                    attention_at(levels - 1)(channels) if any(attention_levels) else None, norm_eps)
 
         up = []
         for i, out in enumerate(reversed(block_out_channels)):
             last = i == levels - 1
             skips = [skip_channels.pop() for _ in range(layers_per_block + 1)]
             up.append(UpBlock2D(channels, out, layers_per_block + 1, time_embed_dim, groups, add_upsample=not last,
-                                make_attention=attention if attention_levels[levels - 1 - i] else None,
-                                skip_channels=skips))
+                                make_attention=attention_at(levels - 1 - i) if attention_levels[levels - 1 - i] else None,
+                                skip_channels=skips, eps=norm_eps))
             channels = out
         self.up_blocks = nn.ModuleList(up)
 
-        self.conv_norm_out = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.conv_norm_out = nn.GroupNorm(groups, channels, eps=norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
         if zero_init_out:  # start by predicting 0: the first steps do not fight a random output

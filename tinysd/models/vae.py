@@ -51,13 +51,15 @@ class DiagonalGaussian:
 class Encoder(nn.Module):
     """conv_in -> down_blocks (resnets, stride-2 downsample between levels) -> mid_block -> norm, SiLU, conv_out."""
 
-    def __init__(self, in_channels, out_channels, block_out_channels, layers_per_block, groups, mid_block_attention):
+    def __init__(self, in_channels, out_channels, block_out_channels, layers_per_block, groups, mid_block_attention,
+                 downsample_padding=1):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
         blocks, channels = [], block_out_channels[0]
         for i, out in enumerate(block_out_channels):
             last = i == len(block_out_channels) - 1
-            blocks.append(DownBlock2D(channels, out, layers_per_block, groups=groups, add_downsample=not last))
+            blocks.append(DownBlock2D(channels, out, layers_per_block, groups=groups, add_downsample=not last,
+                                      downsample_padding=downsample_padding))
             channels = out
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock2D(channels, groups=groups, attention=_attention(channels, groups, mid_block_attention))
@@ -111,6 +113,8 @@ class AutoencoderKL(nn.Module):
     with AdamW (lr 2e-3, batch 32, KL weight 1e-4) it reaches about 24 dB PSNR on MNIST test
     digits in 100 s on one CPU core.
     Images are expected in [-1, 1] (what `tinysd.data.to_float_images` gives).
+    downsample_padding=0 pads the encoder's stride-2 convs on the right and bottom only, as
+    diffusers' (Stable Diffusion's) VAE does; the default 1 pads every side.
 
         posterior = vae.encode(x)                      # DiagonalGaussian
         z = posterior.sample() * vae.scaling_factor     # latents for diffusion
@@ -118,7 +122,8 @@ class AutoencoderKL(nn.Module):
     """
 
     def __init__(self, in_channels=1, out_channels=1, block_out_channels=(8, 16, 32), layers_per_block=1,
-                 latent_channels=4, norm_num_groups=4, mid_block_attention=True, scaling_factor=1.0):
+                 latent_channels=4, norm_num_groups=4, mid_block_attention=True, scaling_factor=1.0,
+                 downsample_padding=1):
         super().__init__()
         for c in block_out_channels:
             if c % norm_num_groups:
@@ -130,7 +135,7 @@ class AutoencoderKL(nn.Module):
         self.downscale_factor = 2 ** (len(block_out_channels) - 1)
         self.scaling_factor = float(scaling_factor)
         args = (block_out_channels, layers_per_block, norm_num_groups, mid_block_attention)
-        self.encoder = Encoder(in_channels, 2 * latent_channels, *args)
+        self.encoder = Encoder(in_channels, 2 * latent_channels, *args, downsample_padding=downsample_padding)
         self.decoder = Decoder(latent_channels, out_channels, *args)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)

@@ -18,8 +18,8 @@ import math
 
 import numpy as np
 
-from .. import backend
-from ..tensor import Tensor, _as_array, _looks_like_dtype
+from .. import backend, ops
+from ..tensor import Tensor, _as_array, _looks_like_dtype, is_grad_enabled
 from . import functional as F
 from . import init
 
@@ -395,6 +395,8 @@ class Conv2d(Module):
         _init_like_pytorch(self.weight, self.bias, in_channels // groups * math.prod(self.kernel_size))
 
     def forward(self, x):
+        if _in_bands(self, x):
+            return _conv2d_in_bands(self, x)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self):
@@ -403,6 +405,30 @@ class Conv2d(Module):
             f"padding={self.padding}" + (f", groups={self.groups}" if self.groups != 1 else "")
             + ("" if self.bias is not None else ", bias=False")
         )
+
+
+CONV_BAND_BYTES = 64 * 2**20
+
+
+def _in_bands(conv, x):
+    """Run `conv` band by band? Only without gradients, for stride-1 undilated kernels taller
+    than one row, on inputs larger than CONV_BAND_BYTES (a VAE decoder at 512x512)."""
+    return (not is_grad_enabled() and x.ndim == 4 and x.size * x.dtype.itemsize > CONV_BAND_BYTES
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.kernel_size[0] > 1)
+
+
+def _conv2d_in_bands(conv, x):
+    """conv(x) computed a band of output rows at a time, each from its rows of the padded
+    input (kh - 1 rows of overlap): the convolution kernel's work buffers (an im2col
+    matrix is kh*kw times its input) then hold one band, not the whole image. Same numbers."""
+    ph, pw = conv.padding
+    kh = conv.kernel_size[0]
+    x = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    rows_out = x.shape[2] - kh + 1
+    rows = max(1, rows_out * CONV_BAND_BYTES // (x.size * x.dtype.itemsize))
+    bands = [F.conv2d(x[:, :, r:min(r + rows, rows_out) + kh - 1], conv.weight, conv.bias, 1, 0, 1, conv.groups)
+             for r in range(0, rows_out, rows)]
+    return ops.cat(bands, dim=2)
 
 
 class ConvTranspose2d(Module):
@@ -582,6 +608,28 @@ class MaxPool2d(_Pool2d):
 
 
 # ---- attention -----------------------------------------------------------------------
+ATTENTION_SLICE_BYTES = 256 * 2**20
+
+
+def _attention_in_slices(q, k, v, mask, is_causal):
+    """F.scaled_dot_product_attention on (B, heads, S, D), a few heads at a time when it runs
+    without gradients and all heads' (S, S2) scores would exceed ATTENTION_SLICE_BYTES.
+
+    Stable Diffusion at 512x512 attends among 4,096 latent pixels: one head's scores take
+    64 MB in float32, all 2 x 8 heads of a guided step 1 GB. Heads are independent, so
+    slices give the same numbers. (Training keeps one call: backward needs the whole graph.)
+    """
+    b, h, sq, _ = q.shape
+    per_head = sq * k.shape[2] * q.dtype.itemsize
+    if is_grad_enabled() or mask is not None or b * h * per_head <= ATTENTION_SLICE_BYTES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    step = max(1, ATTENTION_SLICE_BYTES // per_head)
+    q, k, v = (t.reshape(b * h, *t.shape[2:]) for t in (q, k, v))
+    parts = [F.scaled_dot_product_attention(q[i:i + step], k[i:i + step], v[i:i + step], is_causal=is_causal)
+             for i in range(0, b * h, step)]
+    return ops.cat(parts, dim=0).reshape(b, h, sq, v.shape[-1])
+
+
 class Attention(Module):
     """Multi-head attention with diffusers' names (to_q, to_k, to_v, to_out).
 
@@ -628,7 +676,7 @@ class Attention(Module):
             elif mask.ndim == 3:  # (B, S, S2): the same for every head
                 mask = mask[:, None]
             attention_mask = mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
+        out = _attention_in_slices(q, k, v, attention_mask, is_causal)
         out = out.transpose(1, 2).reshape(b, s, self.heads * self.dim_head)
         for layer in self.to_out:
             out = layer(out)
