@@ -83,21 +83,53 @@ def _check_broadcast(op, a, b):
         raise ValueError(f"{op}: shapes {a.shape} and {b.shape} cannot be broadcast together") from None
 
 
-# ---- elementwise arithmetic ------------------------------------------------------
+def unbroadcast(grad, shape):
+    """Sum a broadcast gradient back down to `shape`: the adjoint of broadcasting.
+
+    If x of shape (3, 1) was broadcast to (2, 3, 4), each x element was used
+    2*4 times, so dL/dx sums dL/dy over the broadcast axes.
+    """
+    if grad.shape == shape:
+        return grad
+    shape = tuple(shape)
+    extra = grad.ndim - len(shape)
+    axes = tuple(range(extra)) + tuple(
+        extra + i for i, n in enumerate(shape) if n == 1 and grad.shape[extra + i] != 1
+    )
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.reshape(shape)
+
+
+def unbroadcast_to_inputs(fn, da, db):
+    """The gradients of a binary op's inputs a and b, each summed back to its input's shape
+    (None where not wanted)."""
+    (a, b), (need_a, need_b) = fn.inputs, fn.needs_input_grad
+    return (
+        unbroadcast(da, a.data.shape) if need_a and da is not None else None,
+        unbroadcast(db, b.data.shape) if need_b and db is not None else None,
+    )
+
+
+# ---- elementwise arithmetic (inputs broadcast: backward unbroadcasts) ----------------
 class Add(Function):
+    """y = a + b;  da = g,  db = g."""
+
     def forward(self, a, b):
         return a + b
 
     def backward(self, g):
-        return g, g
+        return unbroadcast_to_inputs(self, g, g)
 
 
 class Sub(Function):
+    """y = a - b;  da = g,  db = -g."""
+
     def forward(self, a, b):
         return a - b
 
     def backward(self, g):
-        return g, -g
+        return unbroadcast_to_inputs(self, g, -g if self.needs_input_grad[1] else None)
 
 
 class Mul(Function):
@@ -109,7 +141,9 @@ class Mul(Function):
 
     def backward(self, g):
         a, b = self.saved
-        return (g * b if self.needs_input_grad[0] else None, g * a if self.needs_input_grad[1] else None)
+        return unbroadcast_to_inputs(
+            self, g * b if self.needs_input_grad[0] else None, g * a if self.needs_input_grad[1] else None
+        )
 
 
 class Div(Function):
@@ -123,7 +157,7 @@ class Div(Function):
         a, b = self.saved
         da = g / b if self.needs_input_grad[0] else None
         db = -g * a / (b * b) if self.needs_input_grad[1] else None
-        return da, db
+        return unbroadcast_to_inputs(self, da, db)
 
 
 class Pow(Function):
@@ -142,7 +176,7 @@ class Pow(Function):
         if self.needs_input_grad[1]:
             with np.errstate(divide="ignore", invalid="ignore"):
                 db = g * y * xp.log(xp.where(a > 0, a, 1))
-        return da, db
+        return unbroadcast_to_inputs(self, da, db)
 
 
 def _binary(cls, a, b):
@@ -315,7 +349,9 @@ class Maximum(Function):
         a, b = self.saved
         a_wins = (a > b) if self.take_larger else (a < b)
         share_a = (a_wins + 0.5 * (a == b)).astype(g.dtype)  # 0.5 * bool would be float64
-        return g * share_a, g * (1 - share_a)
+        da = g * share_a if self.needs_input_grad[0] else None
+        db = g * (1 - share_a) if self.needs_input_grad[1] else None
+        return unbroadcast_to_inputs(self, da, db)
 
 
 def maximum(a, b):
@@ -590,7 +626,7 @@ class Expand(Function):
         return backend.array_module(x).broadcast_to(x, shape)
 
     def backward(self, g):
-        return g  # the engine sums broadcast gradients back to the input's shape
+        return unbroadcast(g, self.inputs[0].data.shape)
 
 
 def expand(x, *sizes):
@@ -721,7 +757,9 @@ class Where(Function):
         return backend.array_module(a).where(cond, a, b)
 
     def backward(self, g):
-        return g * self.cond, g * ~self.cond
+        da = g * self.cond if self.needs_input_grad[0] else None
+        db = g * ~self.cond if self.needs_input_grad[1] else None
+        return unbroadcast_to_inputs(self, da, db)
 
 
 def where(condition, a, b):
@@ -769,7 +807,7 @@ class MatMul(Function):
         a, b = self.saved
         da = g @ b.swapaxes(-1, -2) if self.needs_input_grad[0] else None
         db = a.swapaxes(-1, -2) @ g if self.needs_input_grad[1] else None
-        return da, db
+        return unbroadcast_to_inputs(self, da, db)  # batch dims may have been broadcast
 
 
 def matmul(a, b):
