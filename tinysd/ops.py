@@ -16,7 +16,7 @@ import numpy as np
 import kernels
 
 from . import backend
-from .tensor import KERNEL_DTYPES, Function, Tensor, _raw_index, is_grad_enabled
+from .tensor import KERNEL_DTYPES, Function, Tensor, is_grad_enabled, raw_index
 
 
 def as_tensor(x, like):
@@ -30,8 +30,8 @@ def as_tensor(x, like):
     return Tensor(xp.asarray(x, dtype=dtype))
 
 
-def _pair(a, b):
-    """Both operands as Tensors, with PyTorch's rule for mixing integers and floats: the
+def _promote(a, b):
+    """Both operands as Tensors of one dtype, with PyTorch's rule for mixing integers and floats: the
     integer side becomes the float side's dtype (float32 when the float is a Python number),
     where NumPy would pick float64. Other mixes follow NumPy (float32 with float64 gives float64)."""
     a_number, b_number = not isinstance(a, Tensor), not isinstance(b, Tensor)
@@ -180,7 +180,7 @@ class Pow(Function):
 
 
 def _binary(cls, a, b):
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     _check_broadcast(cls.__name__.lower(), a, b)
     return cls.apply(a, b)
 
@@ -199,7 +199,7 @@ def mul(a, b):
 
 def div(a, b):
     """True division; two integer operands give float32, as in PyTorch (NumPy: float64)."""
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     if a.dtype.kind in "biu" and b.dtype.kind in "biu":
         a, b = _as_float(a, np.float32), _as_float(b, np.float32)
     return _binary(Div, a, b)
@@ -355,13 +355,13 @@ class Maximum(Function):
 
 
 def maximum(a, b):
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     _check_broadcast("maximum", a, b)
     return Maximum.apply(a, b, take_larger=True)
 
 
 def minimum(a, b):
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     _check_broadcast("minimum", a, b)
     return Maximum.apply(a, b, take_larger=False)
 
@@ -434,7 +434,7 @@ def to_device(x, device):
 
 def compare(a, b, how):
     """Elementwise comparison (no gradient): a bool tensor."""
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     _check_broadcast(how, a, b)
     return Tensor(getattr(backend.array_module(a.data), how)(a.data, b.data))
 
@@ -675,7 +675,7 @@ def _has_array(index):
 
 
 def getitem(x, index):
-    index = _raw_index(index)
+    index = raw_index(index)
     if isinstance(index, list):
         index = backend.array_module(x.data).asarray(index)
     try:
@@ -764,7 +764,7 @@ class Where(Function):
 
 def where(condition, a, b):
     cond = condition.data if isinstance(condition, Tensor) else condition
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     xp = backend.array_module(a.data)
     cond = xp.asarray(cond).astype(bool)
     try:
@@ -813,7 +813,7 @@ class MatMul(Function):
 def matmul(a, b):
     """Matrix product with NumPy/PyTorch semantics: batch dims broadcast; a 1-D
     operand is treated as a row (left) or column (right) vector and dropped after."""
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"matmul: both operands need at least 1 dim, got {a.shape} and {b.shape}")
     if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:

@@ -83,12 +83,12 @@ class Function:
 
     @property
     def name(self):
-        return type(self).__name__
+        return _op_name(type(self))
 
     @classmethod
     def apply(cls, *inputs, **options):
         """Run the op on Tensor inputs (non-Tensor options go by keyword) and record it."""
-        check_same_device(cls.__name__, inputs)
+        check_same_device(_op_name(cls), inputs)
         if cls.kernel_dtypes is not None:
             _check_kernel_dtypes(cls, inputs)
         fn = cls(*inputs)
@@ -101,6 +101,11 @@ class Function:
         if out._ctx is not None and fn.saved:
             fn.saved_versions = _versions_of_saved(fn.saved, inputs, out)
         return out
+
+
+def _op_name(cls):
+    """The op's name in error messages: Conv2dFunction says Conv2d (its Module's and the lesson's name)."""
+    return cls.__name__.removesuffix("Function")
 
 
 def _versions_of_saved(saved, inputs, out):
@@ -145,7 +150,7 @@ def _check_kernel_dtypes(cls, inputs):
     if any(t.dtype not in cls.kernel_dtypes for t in inputs):
         described = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in inputs)
         raise TypeError(
-            f"{cls.__name__}: its kernels run in {' or '.join(map(str, cls.kernel_dtypes))}, got {described}; "
+            f"{_op_name(cls)}: its kernels run in {' or '.join(map(str, cls.kernel_dtypes))}, got {described}; "
             f"convert first, e.g. x.float()"
         )
 
@@ -454,7 +459,7 @@ class Tensor:
     def __setitem__(self, index, value):
         if self.requires_grad and _grad_enabled:
             raise RuntimeError("in-place assignment to a tensor that requires grad; wrap it in no_grad()")
-        self.data[_raw_index(index)] = value.data if isinstance(value, Tensor) else value
+        self.data[raw_index(index)] = value.data if isinstance(value, Tensor) else value
         self._version[0] += 1
 
     # x += y: in place when no graph is being recorded through x (under no_grad, or when neither
@@ -644,7 +649,7 @@ def _looks_like_dtype(name):
         return False
 
 
-def _raw_index(index):
+def raw_index(index):
     """Replace Tensors inside an index by their arrays."""
     if isinstance(index, Tensor):
         return index.data

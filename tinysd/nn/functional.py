@@ -26,8 +26,8 @@ from ..tensor import KERNEL_DTYPES, Function, Tensor, default_generator, no_grad
 # ---- argument checks shared by several functions ----------
 
 
-def _pair(value, name, op):
-    """An int or a pair of ints -> an (h, w) pair of Python ints."""
+def as_pair(value, name="value", op="as_pair"):
+    """An int or a pair of ints -> an (h, w) pair of Python ints (kernel sizes, strides, paddings, ...)."""
     if isinstance(value, (int, np.integer)):
         return (int(value), int(value))
     pair = tuple(value)
@@ -38,7 +38,7 @@ def _pair(value, name, op):
 
 def _window_args(op, **pairs):
     """Normalise stride/padding/dilation-like arguments; strides and dilations must be >= 1."""
-    out = {name: _pair(v, name, op) for name, v in pairs.items()}
+    out = {name: as_pair(v, name, op) for name, v in pairs.items()}
     for name, (h, w) in out.items():
         low = 0 if "padding" in name else 1
         if h < low or w < low:
@@ -173,7 +173,7 @@ def linear(x, weight, bias=None):
     return LinearFunction.apply(x, weight, *(() if bias is None else (bias,)))
 
 
-class Conv2d(Function):
+class Conv2dFunction(Function):
     """y = conv2d(x, w) (+ b), a cross-correlation:
 
         y[n, o, i, j] = sum_{c, p, q} x_pad[n, k*C_g + c, i*sh + p*dh, j*sw + q*dw] * w[o, c, p, q]
@@ -220,10 +220,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         )
     _check_window_fits(op, x.shape, (kh, kw), geo["padding"], geo["dilation"])
     bias = _bias_tuple(op, bias, out_ch, x)
-    return Conv2d.apply(x, weight, *bias, **geo, groups=groups)
+    return Conv2dFunction.apply(x, weight, *bias, **geo, groups=groups)
 
 
-class ConvTranspose2d(Function):
+class ConvTranspose2dFunction(Function):
     """y = conv_transpose2d(x, w) (+ b): the adjoint of a convolution.
 
     Write conv2d with weight w as a linear map of its input, conv2d(u, w) = A_w u,
@@ -287,7 +287,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     if min(out_hw) < 1:
         raise ValueError(f"{op}: input {x.shape} with weight {weight.shape} and {geo} gives an empty output {out_hw}")
     bias = _bias_tuple(op, bias, out_per_group * groups, x)
-    return ConvTranspose2d.apply(x, weight, *bias, **geo, groups=groups)
+    return ConvTranspose2dFunction.apply(x, weight, *bias, **geo, groups=groups)
 
 
 # ---- pooling and upsampling ----------
@@ -304,7 +304,7 @@ def _pool_args(op, x, kernel_size, stride, padding):
     return geo
 
 
-class MaxPool2d(Function):
+class MaxPool2dFunction(Function):
     """y = max over each window (padding counts as -inf); g flows to the winning element: the first
     maximum in row-major window order, never padding, a NaN if there is one (as in PyTorch)."""
 
@@ -323,10 +323,10 @@ class MaxPool2d(Function):
 
 def max_pool2d(x, kernel_size, stride=None, padding=0):
     """Max over (kh, kw) windows; stride defaults to kernel_size. x (N, C, H, W) -> (N, C, HO, WO)."""
-    return MaxPool2d.apply(x, **_pool_args("max_pool2d", x, kernel_size, stride, padding))
+    return MaxPool2dFunction.apply(x, **_pool_args("max_pool2d", x, kernel_size, stride, padding))
 
 
-class AvgPool2d(Function):
+class AvgPool2dFunction(Function):
     """y = mean over each window, padding counted as zeros (count_include_pad=True);
     each x in a window receives g / (kh * kw)."""
 
@@ -342,10 +342,10 @@ class AvgPool2d(Function):
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0):
     """Mean over (kh, kw) windows; stride defaults to kernel_size. x (N, C, H, W) -> (N, C, HO, WO)."""
-    return AvgPool2d.apply(x, **_pool_args("avg_pool2d", x, kernel_size, stride, padding))
+    return AvgPool2dFunction.apply(x, **_pool_args("avg_pool2d", x, kernel_size, stride, padding))
 
 
-class UpsampleNearest2d(Function):
+class UpsampleNearest2dFunction(Function):
     """y[n, c, i, j] = x[n, c, i // sh, j // sw];  dx sums g over each sh x sw block."""
 
     kernel_dtypes = KERNEL_DTYPES
@@ -374,7 +374,7 @@ def interpolate(x, scale_factor=2, mode="nearest"):
         raise ValueError(f"{op}: scale_factor must be a positive integer or a pair of them, got {scale_factor!r}")
     sh, sw = int(factors[0]), int(factors[1])
     if mode == "nearest":
-        return UpsampleNearest2d.apply(x, scale=(sh, sw))
+        return UpsampleNearest2dFunction.apply(x, scale=(sh, sw))
     rows = Tensor(_linear_weights(x.shape[2], sh, x.data))  # (H sh, H)
     cols = Tensor(_linear_weights(x.shape[3], sw, x.data))  # (W sw, W)
     return rows @ x @ cols.T  # a linear map of x: autograd gives rows^T g cols
@@ -404,7 +404,7 @@ def pad(x, pad, mode="constant", value=0.0):
 # ---- normalisation ----------
 
 
-class GroupNorm(Function):
+class GroupNormFunction(Function):
     """Normalise each group of C / G channels of each sample over its channels and positions:
 
         y = (x - mean) * rstd * w[c] + b[c],   rstd = 1 / sqrt(var + eps)  (biased var)
@@ -441,7 +441,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     affine = _affine(op, weight, bias, (channels,), x)
     if x.size == 0:  # an empty batch: an empty result, as PyTorch gives (the kernel needs rows)
         return _empty_result(x, affine)
-    return GroupNorm.apply(x, *affine, num_groups=num_groups, eps=eps)
+    return GroupNormFunction.apply(x, *affine, num_groups=num_groups, eps=eps)
 
 
 def _empty_result(x, per_channel):
@@ -452,7 +452,7 @@ def _empty_result(x, per_channel):
     return out
 
 
-class LayerNorm(Function):
+class LayerNormFunction(Function):
     """Normalise over the last dims: the input is viewed as (M, D) and each row normalised.
 
         y = (x - mean) * rstd * w + b,   dx = rstd * (gh - mean(gh) - xh * mean(gh * xh)),
@@ -485,13 +485,13 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     if not shape or len(shape) > x.ndim or x.shape[x.ndim - len(shape) :] != shape:
         raise ValueError(f"{op}: input {x.shape} does not end with normalized_shape {shape}")
     affine = _affine(op, weight, bias, shape, x)
-    return LayerNorm.apply(x, *affine, size=math.prod(shape), eps=eps)
+    return LayerNormFunction.apply(x, *affine, size=math.prod(shape), eps=eps)
 
 
 # ---- attention ----------
 
 
-class Attention(Function):
+class AttentionFunction(Function):
     """out = softmax(s) v,  s = scale * q k^T + mask, for q (B, Sq, D), k (B, Sk, D), v (B, Sk, Dv).
 
     Fused: forward keeps only out and lse = logsumexp(s) per query (not the
@@ -585,7 +585,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if dropout_p:
         out = _attention_with_dropout(q, k, v, mask, scale, bool(is_causal), dropout_p)
     else:
-        out = Attention.apply(q, k, v, mask=mask, scale=scale, is_causal=bool(is_causal))
+        out = AttentionFunction.apply(q, k, v, mask=mask, scale=scale, is_causal=bool(is_causal))
     return out.reshape(*batch, sq, dv)
 
 
@@ -625,7 +625,7 @@ def log_softmax(x, dim):
     return ops.log_softmax(x, dim)
 
 
-class SiLU(Function):
+class SiLUFunction(Function):
     """y = x sigmoid(x);  dx = g * s (1 + x (1 - s)), s = sigmoid(x)."""
 
     kernel_dtypes = KERNEL_DTYPES
@@ -641,10 +641,10 @@ class SiLU(Function):
 def silu(x):
     """x * sigmoid(x) (also called swish)."""
     _check_float("silu", input=x)
-    return SiLU.apply(x)
+    return SiLUFunction.apply(x)
 
 
-class GELU(Function):
+class GELUFunction(Function):
     """y = x Phi(x) (Phi the standard normal CDF), or its tanh approximation;
     dx = g * (Phi(x) + x phi(x)) for the exact form."""
 
@@ -664,7 +664,7 @@ def gelu(x, approximate="none"):
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     _check_float("gelu", input=x)
-    return GELU.apply(x, approximate=approximate)
+    return GELUFunction.apply(x, approximate=approximate)
 
 
 class GEGLUFunction(Function):
