@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 import kernels
+import kernels.reference
 
 from . import backend
 from .tensor import KERNEL_DTYPES, Function, Tensor, is_grad_enabled, raw_index
@@ -282,12 +283,10 @@ class Tanh(Function):
 
 
 class Sigmoid(Function):
-    """y = 1 / (1 + e^-x), computed without overflow;  dx = g * y * (1 - y)."""
+    """y = 1 / (1 + e^-x) (see kernels.reference.sigmoid: no overflow);  dx = g * y * (1 - y)."""
 
     def forward(self, x):
-        xp = backend.array_module(x)
-        e = xp.exp(-xp.abs(x))  # in (0, 1]: never overflows
-        y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        y = kernels.reference.sigmoid(x)  # plain xp code: NumPy and CuPy arrays alike
         self.save_for_backward(y)
         return y
 
