@@ -208,6 +208,12 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     x (N, C, H, W), weight (O, C // groups, KH, KW), bias (O,) -> (N, O, HO, WO),
     HO as kernels.reference.conv_output_size gives it.
     """
+    geo, bias = _check_conv2d_args(x, weight, bias, stride, padding, dilation, groups)
+    return Conv2dFunction.apply(x, weight, *bias, **geo, groups=groups)
+
+
+def _check_conv2d_args(x, weight, bias, stride, padding, dilation, groups):
+    """Check conv2d's arguments: the geometry as (h, w) pairs, and bias as a tuple of 0 or 1 tensor."""
     op = "conv2d"
     _check_float(op, input=x, weight=weight)
     _check_ndim(op, "input", x, 4)
@@ -221,8 +227,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             f"expects {in_per_group} * {groups} = {in_per_group * groups}"
         )
     _check_window_fits(op, x.shape, (kh, kw), geo["padding"], geo["dilation"])
-    bias = _bias_tuple(op, bias, out_ch, x)
-    return Conv2dFunction.apply(x, weight, *bias, **geo, groups=groups)
+    return geo, _bias_tuple(op, bias, out_ch, x)
 
 
 class ConvTranspose2dFunction(Function):
@@ -269,6 +274,12 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     (N, C_out, HO, WO), HO as kernels.reference.conv_transpose2d_shape gives it.
     output_padding (< stride) picks among the output sizes a stride-s conv maps to H.
     """
+    geo, bias = _check_conv_transpose2d_args(x, weight, bias, stride, padding, output_padding, dilation, groups)
+    return ConvTranspose2dFunction.apply(x, weight, *bias, **geo, groups=groups)
+
+
+def _check_conv_transpose2d_args(x, weight, bias, stride, padding, output_padding, dilation, groups):
+    """Check conv_transpose2d's arguments: the geometry as (h, w) pairs, and bias as a tuple of 0 or 1 tensor."""
     op = "conv_transpose2d"
     _check_float(op, input=x, weight=weight)
     _check_ndim(op, "input", x, 4)
@@ -283,8 +294,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
         raise ValueError(f"{op}: output_padding {out_pad} must be smaller than stride {stride}")
     # the output size (and its error when empty) from the reference kernel's one helper
     kernels.reference.conv_transpose2d_shape(x.shape, weight.shape, **geo, groups=groups)
-    bias = _bias_tuple(op, bias, out_per_group * groups, x)
-    return ConvTranspose2dFunction.apply(x, weight, *bias, **geo, groups=groups)
+    return geo, _bias_tuple(op, bias, out_per_group * groups, x)
 
 
 # ---- pooling and upsampling ----------
@@ -542,23 +552,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     dropout_p > 0: pass 0 for evaluation). That runs the composed form of ops, which keeps
     the (B, Sq, Sk) weights for backward; the fused kernel, used when dropout_p == 0, does not.
     """
-    op = "scaled_dot_product_attention"
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
-    _check_float(op, query=query, key=key, value=value)
-    if min(query.ndim, key.ndim, value.ndim) < 2:
-        raise ValueError(f"{op}: query, key, value must be (..., S, D), got {query.shape}, {key.shape}, {value.shape}")
-    (sq, d), (sk, dk), (sv, dv) = query.shape[-2:], key.shape[-2:], value.shape[-2:]
-    if dk != d:
-        raise ValueError(f"{op}: query {query.shape} and key {key.shape} must have the same head dim D ({d} vs {dk})")
-    if sv != sk:
-        raise ValueError(f"{op}: key {key.shape} and value {value.shape} must have the same length ({sk} vs {sv})")
-    try:
-        batch = np.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-    except ValueError:
-        raise ValueError(
-            f"{op}: leading dims of query {query.shape}, key {key.shape}, value {value.shape} cannot be broadcast"
-        ) from None
+    batch = _check_attention_args(query, key, value, dropout_p)
+    (sq, d), sk, dv = query.shape[-2:], key.shape[-2], value.shape[-1]
 
     def as_batch(t):
         """(..., S, E) -> (B, S, E), B the product of the broadcast leading dims."""
@@ -574,6 +569,27 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     else:
         out = AttentionFunction.apply(q, k, v, mask=mask, scale=scale, is_causal=bool(is_causal))
     return out.reshape(*batch, sq, dv)
+
+
+def _check_attention_args(query, key, value, dropout_p):
+    """Check scaled_dot_product_attention's arguments; the broadcast leading (batch) dims."""
+    op = "scaled_dot_product_attention"
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    _check_float(op, query=query, key=key, value=value)
+    if min(query.ndim, key.ndim, value.ndim) < 2:
+        raise ValueError(f"{op}: query, key, value must be (..., S, D), got {query.shape}, {key.shape}, {value.shape}")
+    (d, dk), (sk, sv) = (query.shape[-1], key.shape[-1]), (key.shape[-2], value.shape[-2])
+    if dk != d:
+        raise ValueError(f"{op}: query {query.shape} and key {key.shape} must have the same head dim D ({d} vs {dk})")
+    if sv != sk:
+        raise ValueError(f"{op}: key {key.shape} and value {value.shape} must have the same length ({sk} vs {sv})")
+    try:
+        return np.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"{op}: leading dims of query {query.shape}, key {key.shape}, value {value.shape} cannot be broadcast"
+        ) from None
 
 
 def _attention_with_dropout(q, k, v, mask, scale, is_causal, p):
