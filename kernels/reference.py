@@ -383,9 +383,12 @@ def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
 
 # ---- activations --------------------------------------------------------------
 def sigmoid(x):
-    """1 / (1 + exp(-x)) written as (1 + tanh(x / 2)) / 2, which never overflows."""
+    """sigmoid(x) = 1 / (1 + e^-x), without overflow: e = exp(-|x|) lies in (0, 1], and
+    sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) below (exact in both tails).
+    The one formula of sigmoid: ops.sigmoid calls it for every backend."""
     xp = array_module(x)
-    return 0.5 * (1.0 + xp.tanh(0.5 * x))
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
 
 
 def silu(x):

@@ -581,6 +581,15 @@ def test_gaussian_kl(shape, seed):
     close(F.gaussian_kl(tinysd.zeros(*shape), tinysd.zeros(*shape)), 0.0)  # N(0, I) against itself
 
 
+def test_normalize_divides_by_the_l2_norm_along_dim_and_guards_zero_vectors():
+    x = np.array([[3.0, 4.0], [0.0, 0.0]])
+    close(F.normalize(tinysd.tensor(x), dim=-1), [[0.6, 0.8], [0.0, 0.0]])
+    close(F.normalize(tinysd.tensor(x), dim=0), x / np.array([[3.0, 4.0]]))
+    assert gradcheck(lambda t: F.normalize(t, dim=1), [tinysd.tensor(np.random.default_rng(0).standard_normal((3, 4)), requires_grad=True)])
+    with pytest.raises(ValueError, match="normalize: only p=2"):
+        F.normalize(tinysd.tensor(x), p=1)
+
+
 def contrastive_np(a, b, log_scale, positives):
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)

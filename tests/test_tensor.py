@@ -122,6 +122,26 @@ def test_leaves_given_views_of_one_array_get_separate_gradients():
     assert a.grad.tolist() == [3.0, 3.0] and b.grad.tolist() == [12.0]
 
 
+def test_a_gradient_of_the_wrong_shape_is_refused_naming_the_function():
+    class Broadcasts(Function):
+        def forward(self, a, b):
+            return a + b
+
+        def backward(self, g):
+            return g, g  # forgot ops.unbroadcast: b of shape (1,) gets a gradient of shape (2,)
+
+    with pytest.raises(RuntimeError, match=r"backward: Broadcasts returned a gradient of shape \(2,\) for its input 1"):
+        Broadcasts.apply(leaf([1.0, 2.0]), leaf([3.0])).sum().backward()
+
+
+def test_broadcasting_ops_sum_their_gradient_back_with_unbroadcast():
+    g = np.arange(24.0).reshape(2, 3, 4)
+    assert tinysd.ops.unbroadcast(g, (3, 1)).tolist() == g.sum(axis=(0, 2)).reshape(3, 1).tolist()
+    x, b = leaf([[1.0], [2.0], [3.0]]), leaf([1.0, 2.0, 3.0, 4.0])
+    (x + b).backward(np.ones((3, 4)))
+    assert x.grad.tolist() == [[4.0], [4.0], [4.0]] and b.grad.tolist() == [3.0] * 4
+
+
 def test_only_leaves_keep_gradients():
     x = leaf([1.0, 2.0])
     h = x * 3.0

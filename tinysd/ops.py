@@ -14,9 +14,10 @@ import math
 import numpy as np
 
 import kernels
+import kernels.reference
 
 from . import backend
-from .tensor import KERNEL_DTYPES, Function, Tensor, _raw_index, is_grad_enabled
+from .tensor import KERNEL_DTYPES, Function, Tensor, is_grad_enabled, raw_index
 
 
 def as_tensor(x, like):
@@ -30,8 +31,8 @@ def as_tensor(x, like):
     return Tensor(xp.asarray(x, dtype=dtype))
 
 
-def _pair(a, b):
-    """Both operands as Tensors, with PyTorch's rule for mixing integers and floats: the
+def _promote(a, b):
+    """Both operands as Tensors of one dtype, with PyTorch's rule for mixing integers and floats: the
     integer side becomes the float side's dtype (float32 when the float is a Python number),
     where NumPy would pick float64. Other mixes follow NumPy (float32 with float64 gives float64)."""
     a_number, b_number = not isinstance(a, Tensor), not isinstance(b, Tensor)
@@ -83,21 +84,53 @@ def _check_broadcast(op, a, b):
         raise ValueError(f"{op}: shapes {a.shape} and {b.shape} cannot be broadcast together") from None
 
 
-# ---- elementwise arithmetic ------------------------------------------------------
+def unbroadcast(grad, shape):
+    """Sum a broadcast gradient back down to `shape`: the adjoint of broadcasting.
+
+    If x of shape (3, 1) was broadcast to (2, 3, 4), each x element was used
+    2*4 times, so dL/dx sums dL/dy over the broadcast axes.
+    """
+    if grad.shape == shape:
+        return grad
+    shape = tuple(shape)
+    extra = grad.ndim - len(shape)
+    axes = tuple(range(extra)) + tuple(
+        extra + i for i, n in enumerate(shape) if n == 1 and grad.shape[extra + i] != 1
+    )
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.reshape(shape)
+
+
+def unbroadcast_to_inputs(fn, da, db):
+    """The gradients of a binary op's inputs a and b, each summed back to its input's shape
+    (None where not wanted)."""
+    (a, b), (need_a, need_b) = fn.inputs, fn.needs_input_grad
+    return (
+        unbroadcast(da, a.data.shape) if need_a and da is not None else None,
+        unbroadcast(db, b.data.shape) if need_b and db is not None else None,
+    )
+
+
+# ---- elementwise arithmetic (inputs broadcast: backward unbroadcasts) ----------------
 class Add(Function):
+    """y = a + b;  da = g,  db = g."""
+
     def forward(self, a, b):
         return a + b
 
     def backward(self, g):
-        return g, g
+        return unbroadcast_to_inputs(self, g, g)
 
 
 class Sub(Function):
+    """y = a - b;  da = g,  db = -g."""
+
     def forward(self, a, b):
         return a - b
 
     def backward(self, g):
-        return g, -g
+        return unbroadcast_to_inputs(self, g, -g if self.needs_input_grad[1] else None)
 
 
 class Mul(Function):
@@ -109,7 +142,9 @@ class Mul(Function):
 
     def backward(self, g):
         a, b = self.saved
-        return (g * b if self.needs_input_grad[0] else None, g * a if self.needs_input_grad[1] else None)
+        return unbroadcast_to_inputs(
+            self, g * b if self.needs_input_grad[0] else None, g * a if self.needs_input_grad[1] else None
+        )
 
 
 class Div(Function):
@@ -123,7 +158,7 @@ class Div(Function):
         a, b = self.saved
         da = g / b if self.needs_input_grad[0] else None
         db = -g * a / (b * b) if self.needs_input_grad[1] else None
-        return da, db
+        return unbroadcast_to_inputs(self, da, db)
 
 
 class Pow(Function):
@@ -142,11 +177,11 @@ class Pow(Function):
         if self.needs_input_grad[1]:
             with np.errstate(divide="ignore", invalid="ignore"):
                 db = g * y * xp.log(xp.where(a > 0, a, 1))
-        return da, db
+        return unbroadcast_to_inputs(self, da, db)
 
 
 def _binary(cls, a, b):
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     _check_broadcast(cls.__name__.lower(), a, b)
     return cls.apply(a, b)
 
@@ -165,7 +200,7 @@ def mul(a, b):
 
 def div(a, b):
     """True division; two integer operands give float32, as in PyTorch (NumPy: float64)."""
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     if a.dtype.kind in "biu" and b.dtype.kind in "biu":
         a, b = _as_float(a, np.float32), _as_float(b, np.float32)
     return _binary(Div, a, b)
@@ -248,12 +283,10 @@ class Tanh(Function):
 
 
 class Sigmoid(Function):
-    """y = 1 / (1 + e^-x), computed without overflow;  dx = g * y * (1 - y)."""
+    """y = 1 / (1 + e^-x) (see kernels.reference.sigmoid: no overflow);  dx = g * y * (1 - y)."""
 
     def forward(self, x):
-        xp = backend.array_module(x)
-        e = xp.exp(-xp.abs(x))  # in (0, 1]: never overflows
-        y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+        y = kernels.reference.sigmoid(x)  # plain xp code: NumPy and CuPy arrays alike
         self.save_for_backward(y)
         return y
 
@@ -315,17 +348,19 @@ class Maximum(Function):
         a, b = self.saved
         a_wins = (a > b) if self.take_larger else (a < b)
         share_a = (a_wins + 0.5 * (a == b)).astype(g.dtype)  # 0.5 * bool would be float64
-        return g * share_a, g * (1 - share_a)
+        da = g * share_a if self.needs_input_grad[0] else None
+        db = g * (1 - share_a) if self.needs_input_grad[1] else None
+        return unbroadcast_to_inputs(self, da, db)
 
 
 def maximum(a, b):
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     _check_broadcast("maximum", a, b)
     return Maximum.apply(a, b, take_larger=True)
 
 
 def minimum(a, b):
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     _check_broadcast("minimum", a, b)
     return Maximum.apply(a, b, take_larger=False)
 
@@ -398,7 +433,7 @@ def to_device(x, device):
 
 def compare(a, b, how):
     """Elementwise comparison (no gradient): a bool tensor."""
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     _check_broadcast(how, a, b)
     return Tensor(getattr(backend.array_module(a.data), how)(a.data, b.data))
 
@@ -590,7 +625,7 @@ class Expand(Function):
         return backend.array_module(x).broadcast_to(x, shape)
 
     def backward(self, g):
-        return g  # the engine sums broadcast gradients back to the input's shape
+        return unbroadcast(g, self.inputs[0].data.shape)
 
 
 def expand(x, *sizes):
@@ -639,7 +674,7 @@ def _has_array(index):
 
 
 def getitem(x, index):
-    index = _raw_index(index)
+    index = raw_index(index)
     if isinstance(index, list):
         index = backend.array_module(x.data).asarray(index)
     try:
@@ -721,12 +756,14 @@ class Where(Function):
         return backend.array_module(a).where(cond, a, b)
 
     def backward(self, g):
-        return g * self.cond, g * ~self.cond
+        da = g * self.cond if self.needs_input_grad[0] else None
+        db = g * ~self.cond if self.needs_input_grad[1] else None
+        return unbroadcast_to_inputs(self, da, db)
 
 
 def where(condition, a, b):
     cond = condition.data if isinstance(condition, Tensor) else condition
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     xp = backend.array_module(a.data)
     cond = xp.asarray(cond).astype(bool)
     try:
@@ -769,13 +806,13 @@ class MatMul(Function):
         a, b = self.saved
         da = g @ b.swapaxes(-1, -2) if self.needs_input_grad[0] else None
         db = a.swapaxes(-1, -2) @ g if self.needs_input_grad[1] else None
-        return da, db
+        return unbroadcast_to_inputs(self, da, db)  # batch dims may have been broadcast
 
 
 def matmul(a, b):
     """Matrix product with NumPy/PyTorch semantics: batch dims broadcast; a 1-D
     operand is treated as a row (left) or column (right) vector and dropped after."""
-    a, b = _pair(a, b)
+    a, b = _promote(a, b)
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"matmul: both operands need at least 1 dim, got {a.shape} and {b.shape}")
     if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:

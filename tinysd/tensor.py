@@ -54,31 +54,14 @@ def is_grad_enabled():
     return _grad_enabled
 
 
-def unbroadcast(grad, shape):
-    """Sum a broadcast gradient back down to `shape`.
-
-    If x of shape (3, 1) was broadcast to (2, 3, 4), each x element was used
-    2*4 times, so dL/dx sums dL/dy over the broadcast axes.
-    """
-    if grad.shape == tuple(shape):
-        return grad
-    extra = grad.ndim - len(shape)
-    axes = tuple(range(extra)) + tuple(
-        extra + i for i, n in enumerate(shape) if n == 1 and grad.shape[extra + i] != 1
-    )
-    if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
-    return grad.reshape(shape)
-
-
 class Function:
     """One differentiable operation.
 
     Subclasses implement `forward(*arrays, **options) -> array` and
     `backward(grad) -> gradient array per tensor input (or None)`.
     `self.needs_input_grad[i]` tells backward which gradients are wanted, so it
-    can skip the rest. Gradients of broadcast inputs may keep the broadcast
-    shape; the engine sums them back to the input's shape.
+    can skip the rest. Each gradient has its input's shape: an op that
+    broadcasts its inputs sums the gradient back with `ops.unbroadcast`.
     """
 
     kernel_dtypes = None  # ops whose kernels run only in some dtypes list them (checked in apply)
@@ -100,12 +83,12 @@ class Function:
 
     @property
     def name(self):
-        return type(self).__name__
+        return _op_name(type(self))
 
     @classmethod
     def apply(cls, *inputs, **options):
         """Run the op on Tensor inputs (non-Tensor options go by keyword) and record it."""
-        check_same_device(cls.__name__, inputs)
+        check_same_device(_op_name(cls), inputs)
         if cls.kernel_dtypes is not None:
             _check_kernel_dtypes(cls, inputs)
         fn = cls(*inputs)
@@ -118,6 +101,11 @@ class Function:
         if out._ctx is not None and fn.saved:
             fn.saved_versions = _versions_of_saved(fn.saved, inputs, out)
         return out
+
+
+def _op_name(cls):
+    """The op's name in error messages: Conv2dFunction says Conv2d (its Module's and the lesson's name)."""
+    return cls.__name__.removesuffix("Function")
 
 
 def _versions_of_saved(saved, inputs, out):
@@ -162,7 +150,7 @@ def _check_kernel_dtypes(cls, inputs):
     if any(t.dtype not in cls.kernel_dtypes for t in inputs):
         described = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in inputs)
         raise TypeError(
-            f"{cls.__name__}: its kernels run in {' or '.join(map(str, cls.kernel_dtypes))}, got {described}; "
+            f"{_op_name(cls)}: its kernels run in {' or '.join(map(str, cls.kernel_dtypes))}, got {described}; "
             f"convert first, e.g. x.float()"
         )
 
@@ -199,6 +187,53 @@ def _memory_owner(a):
     while getattr(a, "base", None) is not None:
         a = a.base
     return a
+
+
+def _upstream_grad(out, grad):
+    """The gradient backward starts from: dL/d(out), checked (1 for a one-element out by default)."""
+    if not out.requires_grad:
+        raise RuntimeError(
+            f"backward: tensor of shape {out.shape} does not require grad "
+            "(no input of its graph has requires_grad=True, or it was built under no_grad)"
+        )
+    xp = backend.array_module(out.data)
+    if grad is None:
+        if out.size != 1:
+            raise RuntimeError(
+                f"backward: grad can be implicit only for a one-element output, "
+                f"this one has shape {out.shape}; pass grad= of that shape"
+            )
+        grad = xp.ones(out.shape, dtype=out.dtype)
+    else:
+        grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=out.dtype)
+        if tuple(grad.shape) != out.shape:
+            raise ValueError(f"backward: grad of shape {tuple(grad.shape)} does not match output {out.shape}")
+    return grad
+
+
+def _check_grad_shape(fn, i, parent, pg):
+    """Raise unless the gradient `fn` returned for input i has that input's shape."""
+    if pg.shape != parent.data.shape:
+        raise RuntimeError(
+            f"backward: {fn.name} returned a gradient of shape {tuple(pg.shape)} for its input {i} of shape "
+            f"{parent.shape}; a backward returns each gradient in its input's shape (ops.unbroadcast)"
+        )
+
+
+def _check_can_go_back(fn, node):
+    """Raise if `fn`'s saved arrays are gone (freed by an earlier backward) or changed in place since."""
+    if fn.freed:
+        raise RuntimeError(
+            f"backward: the graph through {fn.name} (output shape {node.shape}) was already freed "
+            "by an earlier backward(); pass retain_graph=True to the first call to go through it twice"
+        )
+    _check_saved_versions(fn)
+
+
+def _free(fn):
+    """Drop what `fn` saved for backward and its links to its inputs, so that memory is released as
+    backward goes (a training step's peak memory), unless retain_graph=True asked to keep it."""
+    fn.saved, fn.inputs, fn.freed = (), (), True
 
 
 def _leaf_grad(g, dtype, given):
@@ -351,52 +386,32 @@ class Tensor:
         `grad` defaults to 1 for a one-element tensor; any other output needs an
         explicit upstream gradient of its own shape. The graph is freed
         afterwards unless `retain_graph=True`.
-        """
-        if not self.requires_grad:
-            raise RuntimeError(
-                f"backward: tensor of shape {self.shape} does not require grad "
-                "(no input of its graph has requires_grad=True, or it was built under no_grad)"
-            )
-        xp = backend.array_module(self.data)
-        if grad is None:
-            if self.size != 1:
-                raise RuntimeError(
-                    f"backward: grad can be implicit only for a one-element output, "
-                    f"this one has shape {self.shape}; pass grad= of that shape"
-                )
-            grad = xp.ones(self.shape, dtype=self.dtype)
-        else:
-            grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
-            if tuple(grad.shape) != self.shape:
-                raise ValueError(f"backward: grad of shape {tuple(grad.shape)} does not match output {self.shape}")
 
-        grads = {id(self): grad}
+        The loop is the chain rule (as micrograd's): visit the nodes outputs first; each
+        op turns dL/d(output) into dL/d(input) for every input (its backward, a
+        vector-Jacobian product); a tensor used several times sums those contributions.
+        """
+        grad = _upstream_grad(self, grad)
+        grads = {id(self): grad}  # dL/d(node) summed so far, for nodes not yet reached
         given = {id(_memory_owner(grad))}  # memory the caller or a leaf's .grad already holds
-        for node in _topological_order(self):
+        for node in _topological_order(self):  # outputs before inputs
             g = grads.pop(id(node), None)
             if g is None:
                 continue
             fn = node._ctx
-            if fn is None:  # a leaf: accumulate into .grad
+            if fn is None:  # a leaf: add dL/d(leaf) to its .grad
                 node.grad = Tensor(_leaf_grad(g, node.dtype, given) if node.grad is None else node.grad.data + g)
                 continue
-            if fn.freed:
-                raise RuntimeError(
-                    f"backward: the graph through {fn.name} (output shape {node.shape}) was already freed "
-                    "by an earlier backward(); pass retain_graph=True to the first call to go through it twice"
-                )
-            _check_saved_versions(fn)
-            in_grads = fn.backward(g)
+            _check_can_go_back(fn, node)
+            in_grads = fn.backward(g)  # vector-Jacobian products: dL/d(input) for each input
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
-            for parent, pg, needed in zip(fn.inputs, in_grads, fn.needs_input_grad):
-                if not needed or pg is None:
-                    continue
-                pg = unbroadcast(pg, parent.shape)
-                key = id(parent)
-                grads[key] = pg if key not in grads else grads[key] + pg
+            for i, (parent, pg, needed) in enumerate(zip(fn.inputs, in_grads, fn.needs_input_grad)):
+                if needed and pg is not None:  # chain rule: a tensor used several times sums its uses
+                    _check_grad_shape(fn, i, parent, pg)
+                    grads[id(parent)] = grads[id(parent)] + pg if id(parent) in grads else pg
             if not retain_graph:
-                fn.saved, fn.inputs, fn.freed = (), (), True
+                _free(fn)
 
     # ---- operators (each calls one function of tinysd.ops) ------------------
     def __add__(self, other):
@@ -444,7 +459,7 @@ class Tensor:
     def __setitem__(self, index, value):
         if self.requires_grad and _grad_enabled:
             raise RuntimeError("in-place assignment to a tensor that requires grad; wrap it in no_grad()")
-        self.data[_raw_index(index)] = value.data if isinstance(value, Tensor) else value
+        self.data[raw_index(index)] = value.data if isinstance(value, Tensor) else value
         self._version[0] += 1
 
     # x += y: in place when no graph is being recorded through x (under no_grad, or when neither
@@ -634,7 +649,7 @@ def _looks_like_dtype(name):
         return False
 
 
-def _raw_index(index):
+def raw_index(index):
     """Replace Tensors inside an index by their arrays."""
     if isinstance(index, Tensor):
         return index.data

@@ -7,8 +7,10 @@ of function live here:
   their gradients come for free from the ops they are built of;
 * Functions whose forward and backward call a hot kernel through
   `kernels.for_array(x)` (conv, pooling, norms, attention, SiLU, GELU): the
-  gradient math is written once here, and the kernel module (NumPy reference,
-  Numba or CuPy) is picked by the array's type.
+  kernel module (NumPy reference, Numba or CuPy) is picked by the array's type.
+  Their math is written once, in kernels/reference.py, the readable specification
+  every backend is tested against: each Function's docstring names its functions
+  there (run with TINYSD_KERNELS=reference to step through them).
 
 Images are NCHW. Notation in docstrings: g = dL/dy, the gradient arriving at
 the output y.
@@ -19,6 +21,7 @@ import math
 import numpy as np
 
 import kernels
+import kernels.reference
 
 from .. import backend, ops
 from ..tensor import KERNEL_DTYPES, Function, Tensor, default_generator, no_grad
@@ -26,8 +29,8 @@ from ..tensor import KERNEL_DTYPES, Function, Tensor, default_generator, no_grad
 # ---- argument checks shared by several functions ----------
 
 
-def _pair(value, name, op):
-    """An int or a pair of ints -> an (h, w) pair of Python ints."""
+def as_pair(value, name="value", op="as_pair"):
+    """An int or a pair of ints -> an (h, w) pair of Python ints (kernel sizes, strides, paddings, ...)."""
     if isinstance(value, (int, np.integer)):
         return (int(value), int(value))
     pair = tuple(value)
@@ -38,7 +41,7 @@ def _pair(value, name, op):
 
 def _window_args(op, **pairs):
     """Normalise stride/padding/dilation-like arguments; strides and dilations must be >= 1."""
-    out = {name: _pair(v, name, op) for name, v in pairs.items()}
+    out = {name: as_pair(v, name, op) for name, v in pairs.items()}
     for name, (h, w) in out.items():
         low = 0 if "padding" in name else 1
         if h < low or w < low:
@@ -73,6 +76,12 @@ def _check_window_fits(op, x_shape, kernel, padding, dilation=(1, 1)):
             f"{op}: kernel {kernel[0]}x{kernel[1]} (dilation {dilation}, spanning {span[0]}x{span[1]}) "
             f"is larger than the padded input {padded[0]}x{padded[1]} (input {x_shape}, padding {padding})"
         )
+
+
+def _check_groups(op, groups, channels, which):
+    """The one check of a convolution's `groups` against the channels weight.shape[0] counts."""
+    if groups < 1 or channels % groups:
+        raise ValueError(f"{op}: groups={groups} must be >= 1 and divide the {channels} {which} channels of weight")
 
 
 def _bias_tuple(op, bias, channels, like):
@@ -173,15 +182,9 @@ def linear(x, weight, bias=None):
     return LinearFunction.apply(x, weight, *(() if bias is None else (bias,)))
 
 
-class Conv2d(Function):
-    """y = conv2d(x, w) (+ b), a cross-correlation:
-
-        y[n, o, i, j] = sum_{c, p, q} x_pad[n, k*C_g + c, i*sh + p*dh, j*sw + q*dw] * w[o, c, p, q]
-
-    where k = o // (O / groups) is the group of output channel o and C_g = C / groups.
-    y is linear in x and in w, so both gradients are again correlations:
-    dx = conv2d_grad_input(g, w) (the adjoint in x), dw = conv2d_grad_weight(g, x).
-    """
+class Conv2dFunction(Function):
+    """y = conv2d(x, w) (+ b), a cross-correlation, linear in x and in w: both gradients are again
+    correlations. See kernels.reference.conv2d, conv2d_grad_input, conv2d_grad_weight."""
 
     kernel_dtypes = KERNEL_DTYPES
 
@@ -202,28 +205,32 @@ class Conv2d(Function):
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """2-D convolution (cross-correlation) with zero padding.
 
-    x (N, C, H, W), weight (O, C // groups, KH, KW), bias (O,) -> (N, O, HO, WO) with
-    HO = (H + 2 ph - dh (KH - 1) - 1) // sh + 1 (likewise WO).
+    x (N, C, H, W), weight (O, C // groups, KH, KW), bias (O,) -> (N, O, HO, WO),
+    HO as kernels.reference.conv_output_size gives it.
     """
+    geo, bias = _check_conv2d_args(x, weight, bias, stride, padding, dilation, groups)
+    return Conv2dFunction.apply(x, weight, *bias, **geo, groups=groups)
+
+
+def _check_conv2d_args(x, weight, bias, stride, padding, dilation, groups):
+    """Check conv2d's arguments: the geometry as (h, w) pairs, and bias as a tuple of 0 or 1 tensor."""
     op = "conv2d"
     _check_float(op, input=x, weight=weight)
     _check_ndim(op, "input", x, 4)
     _check_ndim(op, "weight", weight, 4)
     geo = _window_args(op, stride=stride, padding=padding, dilation=dilation)
     out_ch, in_per_group, kh, kw = weight.shape
-    if groups < 1 or out_ch % groups:
-        raise ValueError(f"{op}: groups={groups} must be >= 1 and divide the {out_ch} output channels of weight")
+    _check_groups(op, groups, out_ch, "output")
     if x.shape[1] != in_per_group * groups:
         raise ValueError(
             f"{op}: input {x.shape} has {x.shape[1]} channels, but weight {weight.shape} with groups={groups} "
             f"expects {in_per_group} * {groups} = {in_per_group * groups}"
         )
     _check_window_fits(op, x.shape, (kh, kw), geo["padding"], geo["dilation"])
-    bias = _bias_tuple(op, bias, out_ch, x)
-    return Conv2d.apply(x, weight, *bias, **geo, groups=groups)
+    return geo, _bias_tuple(op, bias, out_ch, x)
 
 
-class ConvTranspose2d(Function):
+class ConvTranspose2dFunction(Function):
     """y = conv_transpose2d(x, w) (+ b): the adjoint of a convolution.
 
     Write conv2d with weight w as a linear map of its input, conv2d(u, w) = A_w u,
@@ -231,7 +238,7 @@ class ConvTranspose2d(Function):
 
         y = conv_transpose2d(x, w) = A_w^T x
 
-    (which is why the forward kernel is the same computation as conv2d_grad_input).
+    (see kernels.reference.conv_transpose2d: the computation of conv2d_grad_input).
     Backward, with g = dL/dy:
 
         dx = A_w g = conv2d(g, w)
@@ -264,30 +271,30 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     """Transposed convolution ("deconvolution"), PyTorch semantics.
 
     x (N, C_in, H, W), weight (C_in, C_out // groups, KH, KW), bias (C_out,) ->
-    (N, C_out, HO, WO), HO = (H - 1) sh - 2 ph + dh (KH - 1) + oph + 1.
+    (N, C_out, HO, WO), HO as kernels.reference.conv_transpose2d_shape gives it.
     output_padding (< stride) picks among the output sizes a stride-s conv maps to H.
     """
+    geo, bias = _check_conv_transpose2d_args(x, weight, bias, stride, padding, output_padding, dilation, groups)
+    return ConvTranspose2dFunction.apply(x, weight, *bias, **geo, groups=groups)
+
+
+def _check_conv_transpose2d_args(x, weight, bias, stride, padding, output_padding, dilation, groups):
+    """Check conv_transpose2d's arguments: the geometry as (h, w) pairs, and bias as a tuple of 0 or 1 tensor."""
     op = "conv_transpose2d"
     _check_float(op, input=x, weight=weight)
     _check_ndim(op, "input", x, 4)
     _check_ndim(op, "weight", weight, 4)
     geo = _window_args(op, stride=stride, padding=padding, output_padding=output_padding, dilation=dilation)
-    in_ch, out_per_group, kh, kw = weight.shape
-    if groups < 1 or in_ch % groups:
-        raise ValueError(f"{op}: groups={groups} must be >= 1 and divide the {in_ch} input channels of weight")
+    in_ch, out_per_group = weight.shape[:2]
+    _check_groups(op, groups, in_ch, "input")
     if x.shape[1] != in_ch:
         raise ValueError(f"{op}: input {x.shape} has {x.shape[1]} channels, but weight {weight.shape} expects {in_ch}")
     stride, out_pad = geo["stride"], geo["output_padding"]
     if out_pad[0] >= stride[0] or out_pad[1] >= stride[1]:
         raise ValueError(f"{op}: output_padding {out_pad} must be smaller than stride {stride}")
-    out_hw = tuple(
-        (n - 1) * s - 2 * p + d * (k - 1) + o + 1
-        for n, s, p, d, k, o in zip(x.shape[2:], stride, geo["padding"], geo["dilation"], (kh, kw), out_pad)
-    )
-    if min(out_hw) < 1:
-        raise ValueError(f"{op}: input {x.shape} with weight {weight.shape} and {geo} gives an empty output {out_hw}")
-    bias = _bias_tuple(op, bias, out_per_group * groups, x)
-    return ConvTranspose2d.apply(x, weight, *bias, **geo, groups=groups)
+    # the output size (and its error when empty) from the reference kernel's one helper
+    kernels.reference.conv_transpose2d_shape(x.shape, weight.shape, **geo, groups=groups)
+    return geo, _bias_tuple(op, bias, out_per_group * groups, x)
 
 
 # ---- pooling and upsampling ----------
@@ -304,9 +311,9 @@ def _pool_args(op, x, kernel_size, stride, padding):
     return geo
 
 
-class MaxPool2d(Function):
-    """y = max over each window (padding counts as -inf); g flows to the winning element: the first
-    maximum in row-major window order, never padding, a NaN if there is one (as in PyTorch)."""
+class MaxPool2dFunction(Function):
+    """y = max over each window; g flows to the winning element (the first maximum, never padding,
+    a NaN if there is one, as in PyTorch). See kernels.reference.max_pool2d, max_pool2d_backward."""
 
     kernel_dtypes = KERNEL_DTYPES
 
@@ -323,12 +330,12 @@ class MaxPool2d(Function):
 
 def max_pool2d(x, kernel_size, stride=None, padding=0):
     """Max over (kh, kw) windows; stride defaults to kernel_size. x (N, C, H, W) -> (N, C, HO, WO)."""
-    return MaxPool2d.apply(x, **_pool_args("max_pool2d", x, kernel_size, stride, padding))
+    return MaxPool2dFunction.apply(x, **_pool_args("max_pool2d", x, kernel_size, stride, padding))
 
 
-class AvgPool2d(Function):
-    """y = mean over each window, padding counted as zeros (count_include_pad=True);
-    each x in a window receives g / (kh * kw)."""
+class AvgPool2dFunction(Function):
+    """y = mean over each window, padding counted as zeros (count_include_pad=True).
+    See kernels.reference.avg_pool2d, avg_pool2d_backward."""
 
     kernel_dtypes = KERNEL_DTYPES
 
@@ -342,11 +349,11 @@ class AvgPool2d(Function):
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0):
     """Mean over (kh, kw) windows; stride defaults to kernel_size. x (N, C, H, W) -> (N, C, HO, WO)."""
-    return AvgPool2d.apply(x, **_pool_args("avg_pool2d", x, kernel_size, stride, padding))
+    return AvgPool2dFunction.apply(x, **_pool_args("avg_pool2d", x, kernel_size, stride, padding))
 
 
-class UpsampleNearest2d(Function):
-    """y[n, c, i, j] = x[n, c, i // sh, j // sw];  dx sums g over each sh x sw block."""
+class UpsampleNearest2dFunction(Function):
+    """Each pixel repeated sh x sw times. See kernels.reference.upsample_nearest2d, upsample_nearest2d_backward."""
 
     kernel_dtypes = KERNEL_DTYPES
 
@@ -374,7 +381,7 @@ def interpolate(x, scale_factor=2, mode="nearest"):
         raise ValueError(f"{op}: scale_factor must be a positive integer or a pair of them, got {scale_factor!r}")
     sh, sw = int(factors[0]), int(factors[1])
     if mode == "nearest":
-        return UpsampleNearest2d.apply(x, scale=(sh, sw))
+        return UpsampleNearest2dFunction.apply(x, scale=(sh, sw))
     rows = Tensor(_linear_weights(x.shape[2], sh, x.data))  # (H sh, H)
     cols = Tensor(_linear_weights(x.shape[3], sw, x.data))  # (W sw, W)
     return rows @ x @ cols.T  # a linear map of x: autograd gives rows^T g cols
@@ -404,15 +411,9 @@ def pad(x, pad, mode="constant", value=0.0):
 # ---- normalisation ----------
 
 
-class GroupNorm(Function):
-    """Normalise each group of C / G channels of each sample over its channels and positions:
-
-        y = (x - mean) * rstd * w[c] + b[c],   rstd = 1 / sqrt(var + eps)  (biased var)
-
-    With xh = (x - mean) * rstd and gh = g * w, over the m elements of a group:
-        dx = rstd * (gh - mean(gh) - xh * mean(gh * xh)),
-        dw[c] = sum of g * xh over n and positions,  db[c] = sum of g.
-    """
+class GroupNormFunction(Function):
+    """Normalise each group of C / G channels of each sample over its channels and positions,
+    then scale and shift per channel. See kernels.reference.group_norm, group_norm_backward."""
 
     kernel_dtypes = KERNEL_DTYPES
 
@@ -441,7 +442,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     affine = _affine(op, weight, bias, (channels,), x)
     if x.size == 0:  # an empty batch: an empty result, as PyTorch gives (the kernel needs rows)
         return _empty_result(x, affine)
-    return GroupNorm.apply(x, *affine, num_groups=num_groups, eps=eps)
+    return GroupNormFunction.apply(x, *affine, num_groups=num_groups, eps=eps)
 
 
 def _empty_result(x, per_channel):
@@ -452,12 +453,9 @@ def _empty_result(x, per_channel):
     return out
 
 
-class LayerNorm(Function):
+class LayerNormFunction(Function):
     """Normalise over the last dims: the input is viewed as (M, D) and each row normalised.
-
-        y = (x - mean) * rstd * w + b,   dx = rstd * (gh - mean(gh) - xh * mean(gh * xh)),
-        dw = sum over rows of g * xh,    db = sum over rows of g   (gh = g * w, xh normalised x).
-    """
+    See kernels.reference.layer_norm, layer_norm_backward."""
 
     kernel_dtypes = KERNEL_DTYPES
 
@@ -485,19 +483,18 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     if not shape or len(shape) > x.ndim or x.shape[x.ndim - len(shape) :] != shape:
         raise ValueError(f"{op}: input {x.shape} does not end with normalized_shape {shape}")
     affine = _affine(op, weight, bias, shape, x)
-    return LayerNorm.apply(x, *affine, size=math.prod(shape), eps=eps)
+    return LayerNormFunction.apply(x, *affine, size=math.prod(shape), eps=eps)
 
 
 # ---- attention ----------
 
 
-class Attention(Function):
-    """out = softmax(s) v,  s = scale * q k^T + mask, for q (B, Sq, D), k (B, Sk, D), v (B, Sk, Dv).
+class AttentionFunction(Function):
+    """out = softmax(scale * q k^T + mask) v, for q (B, Sq, D), k (B, Sk, D), v (B, Sk, Dv).
 
-    Fused: forward keeps only out and lse = logsumexp(s) per query (not the
-    (B, Sq, Sk) probabilities); backward recomputes p = exp(s - lse) and, with
-    g = dL/dout and delta_i = sum_j g_ij out_ij:
-        dv = p^T g,   ds = p * (g v^T - delta),   dq = scale * ds k,   dk = scale * ds^T q.
+    Fused: forward keeps only out and lse = logsumexp of the scores per query (not the
+    (B, Sq, Sk) probabilities), backward recomputes them. See kernels.reference.attention,
+    attention_backward.
     """
 
     kernel_dtypes = KERNEL_DTYPES
@@ -555,23 +552,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     dropout_p > 0: pass 0 for evaluation). That runs the composed form of ops, which keeps
     the (B, Sq, Sk) weights for backward; the fused kernel, used when dropout_p == 0, does not.
     """
-    op = "scaled_dot_product_attention"
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
-    _check_float(op, query=query, key=key, value=value)
-    if min(query.ndim, key.ndim, value.ndim) < 2:
-        raise ValueError(f"{op}: query, key, value must be (..., S, D), got {query.shape}, {key.shape}, {value.shape}")
-    (sq, d), (sk, dk), (sv, dv) = query.shape[-2:], key.shape[-2:], value.shape[-2:]
-    if dk != d:
-        raise ValueError(f"{op}: query {query.shape} and key {key.shape} must have the same head dim D ({d} vs {dk})")
-    if sv != sk:
-        raise ValueError(f"{op}: key {key.shape} and value {value.shape} must have the same length ({sk} vs {sv})")
-    try:
-        batch = np.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-    except ValueError:
-        raise ValueError(
-            f"{op}: leading dims of query {query.shape}, key {key.shape}, value {value.shape} cannot be broadcast"
-        ) from None
+    batch = _check_attention_args(query, key, value, dropout_p)
+    (sq, d), sk, dv = query.shape[-2:], key.shape[-2], value.shape[-1]
 
     def as_batch(t):
         """(..., S, E) -> (B, S, E), B the product of the broadcast leading dims."""
@@ -585,8 +567,29 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if dropout_p:
         out = _attention_with_dropout(q, k, v, mask, scale, bool(is_causal), dropout_p)
     else:
-        out = Attention.apply(q, k, v, mask=mask, scale=scale, is_causal=bool(is_causal))
+        out = AttentionFunction.apply(q, k, v, mask=mask, scale=scale, is_causal=bool(is_causal))
     return out.reshape(*batch, sq, dv)
+
+
+def _check_attention_args(query, key, value, dropout_p):
+    """Check scaled_dot_product_attention's arguments; the broadcast leading (batch) dims."""
+    op = "scaled_dot_product_attention"
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    _check_float(op, query=query, key=key, value=value)
+    if min(query.ndim, key.ndim, value.ndim) < 2:
+        raise ValueError(f"{op}: query, key, value must be (..., S, D), got {query.shape}, {key.shape}, {value.shape}")
+    (d, dk), (sk, sv) = (query.shape[-1], key.shape[-1]), (key.shape[-2], value.shape[-2])
+    if dk != d:
+        raise ValueError(f"{op}: query {query.shape} and key {key.shape} must have the same head dim D ({d} vs {dk})")
+    if sv != sk:
+        raise ValueError(f"{op}: key {key.shape} and value {value.shape} must have the same length ({sk} vs {sv})")
+    try:
+        return np.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"{op}: leading dims of query {query.shape}, key {key.shape}, value {value.shape} cannot be broadcast"
+        ) from None
 
 
 def _attention_with_dropout(q, k, v, mask, scale, is_causal, p):
@@ -625,8 +628,8 @@ def log_softmax(x, dim):
     return ops.log_softmax(x, dim)
 
 
-class SiLU(Function):
-    """y = x sigmoid(x);  dx = g * s (1 + x (1 - s)), s = sigmoid(x)."""
+class SiLUFunction(Function):
+    """y = x sigmoid(x). See kernels.reference.silu, silu_backward."""
 
     kernel_dtypes = KERNEL_DTYPES
 
@@ -641,12 +644,12 @@ class SiLU(Function):
 def silu(x):
     """x * sigmoid(x) (also called swish)."""
     _check_float("silu", input=x)
-    return SiLU.apply(x)
+    return SiLUFunction.apply(x)
 
 
-class GELU(Function):
-    """y = x Phi(x) (Phi the standard normal CDF), or its tanh approximation;
-    dx = g * (Phi(x) + x phi(x)) for the exact form."""
+class GELUFunction(Function):
+    """y = x Phi(x) (Phi the standard normal CDF), or its tanh approximation.
+    See kernels.reference.gelu, gelu_backward."""
 
     kernel_dtypes = KERNEL_DTYPES
 
@@ -664,7 +667,7 @@ def gelu(x, approximate="none"):
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     _check_float("gelu", input=x)
-    return GELU.apply(x, approximate=approximate)
+    return GELUFunction.apply(x, approximate=approximate)
 
 
 class GEGLUFunction(Function):
@@ -842,9 +845,11 @@ def gaussian_kl(mean, logvar):
     return per_element.reshape(mean.shape[0], -1).sum(1).mean()
 
 
-def _l2_normalize(x, eps=1e-12):
-    """x / max(||x||, eps) along the last dim."""
-    return x / ((x * x).sum(-1, keepdim=True).clamp(min=eps * eps)).sqrt()
+def normalize(x, p=2.0, dim=1, eps=1e-12):
+    """x / max(||x||_2, eps) along `dim` (PyTorch's F.normalize; only p=2): the one L2 normalisation."""
+    if p != 2:
+        raise ValueError(f"normalize: only p=2 is supported, got p={p}")
+    return x / ((x * x).sum(dim, keepdim=True).clamp(min=eps * eps)).sqrt()
 
 
 def contrastive_loss(image_embeds, text_embeds, logit_scale, positives=None):
@@ -863,7 +868,7 @@ def contrastive_loss(image_embeds, text_embeds, logit_scale, positives=None):
         )
     n = image_embeds.shape[0]
     logit_scale = ops.as_tensor(logit_scale, image_embeds)
-    logits = logit_scale.exp() * (_l2_normalize(image_embeds) @ _l2_normalize(text_embeds).T)
+    logits = logit_scale.exp() * (normalize(image_embeds, dim=-1) @ normalize(text_embeds, dim=-1).T)
     xp = backend.array_module(image_embeds.data)
     if positives is None:
         targets = xp.arange(n)
@@ -906,5 +911,5 @@ __all__ = [
     "linear", "conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "interpolate", "pad",
     "group_norm", "layer_norm", "scaled_dot_product_attention", "relu", "sigmoid", "tanh", "softmax",
     "log_softmax", "silu", "gelu", "geglu", "dropout", "embedding", "mse_loss", "l1_loss", "cross_entropy",
-    "binary_cross_entropy_with_logits", "gaussian_kl", "contrastive_loss", "perceptual_loss",
+    "binary_cross_entropy_with_logits", "gaussian_kl", "normalize", "contrastive_loss", "perceptual_loss",
 ]  # fmt: skip
