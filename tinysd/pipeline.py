@@ -118,11 +118,14 @@ class TextToImage:
         return prompts, text_embeds, self.encode_prompt(negative)
 
     def _denoise(self, latents, timesteps, text_embeds, uncond_embeds, guidance_scale, rng, callback, progress):
+        """Steps 3 and 4 of every pipeline here (1. encode the prompt, 2. draw the starting noise come first)."""
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", leave=False)):
+            # 3. iterative denoising: predict the noise (guided), let the scheduler remove a little of it
             eps = self.guided_noise(latents, t, text_embeds, uncond_embeds, guidance_scale)
             latents = self.scheduler.step(eps, t, latents, generator=rng).prev_sample
             if callback is not None:
                 callback(i, t, latents, self.decode_latents)
+        # 4. decode: latents -> pixels with the VAE's decoder
         return self.decode_latents(latents)
 
     def _to_device(self, array):
@@ -141,11 +144,14 @@ class TextToImage:
         if height % f or width % f:
             raise ValueError(f"TextToImage: height {height} and width {width} must be multiples of {f}")
         with no_grad():
+            # 1. encode the prompt (and the negative one, for classifier-free guidance)
             prompts, text_embeds, uncond_embeds = self._conditions(prompts, negative_prompt, guidance_scale)
+            # 2. the starting noise, scaled for the scheduler, and its timesteps
             rng = np.random.default_rng(seed)
             shape = (len(prompts), self.unet.in_channels, height // f, width // f)
             self.scheduler.set_timesteps(num_inference_steps)
             latents = self._to_device(rng.standard_normal(shape) * self.scheduler.init_noise_sigma)
+            # 3.-4. denoise, decode
             return self._denoise(latents, self.scheduler.timesteps, text_embeds, uncond_embeds, guidance_scale,
                                  rng, callback, progress)
 

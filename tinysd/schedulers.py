@@ -38,21 +38,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import array_module
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
-
-
-def array_module(x):
-    """The array module of ``x``: ``cupy`` for CuPy arrays, ``numpy`` for everything else.
-
-    CuPy is imported only when a CuPy array is actually seen, so NumPy users never need it.
-    """
-    if type(x).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
 
 
 @dataclass
@@ -243,6 +233,13 @@ class SchedulerBase:
             return model_output, (sample - a * model_output) / b
         return a * sample - b * model_output, a * model_output + b * sample  # v_prediction
 
+    def _clip_x0(self, x0):
+        """With ``clip_sample``, clamp the x_0 estimate to [-clip_sample_range, clip_sample_range]."""
+        if not self.config.get("clip_sample"):
+            return x0
+        r = self.config["clip_sample_range"]
+        return array_module(x0).clip(x0, -r, r)
+
     def _draw_noise(self, like, generator):
         """Standard normal noise shaped like ``like``, drawn with a NumPy Generator (a fresh
         ``default_rng()`` when None) and moved to ``like``'s array module and dtype."""
@@ -348,9 +345,7 @@ class DDPMScheduler(SchedulerBase):
         beta = 1 - alpha
 
         x0, _ = self._x0_and_eps(model_output, sample, abar_t)
-        if c["clip_sample"]:
-            r = c["clip_sample_range"]
-            x0 = array_module(x0).clip(x0, -r, r)
+        x0 = self._clip_x0(x0)
 
         coef_x0 = abar_prev**0.5 * beta / (1 - abar_t)
         coef_xt = alpha**0.5 * (1 - abar_prev) / (1 - abar_t)
@@ -407,16 +402,13 @@ class DDIMScheduler(SchedulerBase):
         if self.num_inference_steps is None:
             raise ValueError("DDIMScheduler.step: call set_timesteps(num_inference_steps) first")
         self._check_step_args(model_output, sample)
-        c = self.config
         t = self._int_timestep(timestep)
         prev_t = t - self.num_train_timesteps // self.num_inference_steps
         abar_t = float(self.alphas_cumprod[t])
         abar_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
 
         x0, eps = self._x0_and_eps(model_output, sample, abar_t)
-        if c["clip_sample"]:
-            r = c["clip_sample_range"]
-            x0 = array_module(x0).clip(x0, -r, r)
+        x0 = self._clip_x0(x0)
 
         sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
         prev_sample = abar_prev**0.5 * x0 + max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
@@ -529,13 +521,9 @@ class EulerDiscreteScheduler(SchedulerBase):
         self._check_step_args(model_output, sample)
         i = self.index_for_timestep(timestep)
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-        kind = self.config["prediction_type"]
-        if kind == "epsilon":
-            x0 = sample - sigma * model_output
-        elif kind == "v_prediction":
-            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        else:  # sample
-            x0 = model_output
+        # The Euler sample is x_t / sqrt(abar) with sigma^2 = (1 - abar) / abar: the shared formula.
+        abar = 1 / (1 + sigma**2)
+        x0, _ = self._x0_and_eps(model_output, sample * abar**0.5, abar)
         derivative = (sample - x0) / sigma
         prev_sample = sample + derivative * (sigma_next - sigma)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

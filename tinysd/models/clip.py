@@ -226,8 +226,7 @@ class CLIPModel(nn.Module):
         with no_grad():
             img = self.get_image_features(pixel_values)
             txt = self.get_text_features(input_ids)
-            img = img / (img * img).sum(-1, keepdim=True).sqrt()
-            txt = txt / (txt * txt).sum(-1, keepdim=True).sqrt()
+            img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
             return ops.matmul(img, txt.T).numpy()
 
     def zero_shot_classify(self, images, prompts, tokenizer=None):

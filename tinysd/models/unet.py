@@ -185,6 +185,32 @@ class UNet2DConditionModel(nn.Module):
 
         H and W must be multiples of 2**(levels - 1).
         """
+        self._check_inputs(sample, encoder_hidden_states, class_labels)
+
+        # 1. time (and class) embedding: t -> sinusoidal features -> MLP, added inside every resnet
+        temb = self.time_proj(self._timesteps(timestep, sample)).to(sample.dtype)
+        temb = self.time_embedding(temb)
+        if self.class_embedding is not None:
+            labels = class_labels if isinstance(class_labels, Tensor) else Tensor(np.asarray(class_labels))
+            temb = temb + self.class_embedding(labels.to(sample.device).long())
+
+        # 2. down: conv_in, then per level resnets (+ attention) and, but at the last, a stride-2 downsample;
+        #    every output is kept as a skip
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, encoder_hidden_states)
+            skips += block_skips
+        # 3. mid: resnet, attention, resnet at the lowest resolution
+        x = self.mid_block(x, temb, encoder_hidden_states)
+        # 4. up: per level, resnets on [x, skip] concatenated (+ attention), then, but at the last, an upsample
+        for block in self.up_blocks:
+            x = block(x, skips, temb, encoder_hidden_states)
+        # 5. out: GroupNorm, SiLU, conv back to the sample's channels
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+
+    def _check_inputs(self, sample, encoder_hidden_states, class_labels):
+        """Shapes the U can take: clear errors here, so forward reads as the five steps."""
         factor = 2 ** (len(self.down_blocks) - 1)
         if sample.ndim != 4 or sample.shape[1] != self.in_channels or sample.shape[2] % factor \
                 or sample.shape[3] % factor:
@@ -205,19 +231,3 @@ class UNet2DConditionModel(nn.Module):
                 f"UNet2DConditionModel: class_labels must be given exactly when num_class_embeds is set "
                 f"(num_class_embeds={self.num_class_embeds}, class_labels given: {class_labels is not None})"
             )
-
-        temb = self.time_proj(self._timesteps(timestep, sample)).to(sample.dtype)
-        temb = self.time_embedding(temb)
-        if self.class_embedding is not None:
-            labels = class_labels if isinstance(class_labels, Tensor) else Tensor(np.asarray(class_labels))
-            temb = temb + self.class_embedding(labels.to(sample.device).long())
-
-        x = self.conv_in(sample)
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, temb, encoder_hidden_states)
-            skips += block_skips
-        x = self.mid_block(x, temb, encoder_hidden_states)
-        for block in self.up_blocks:
-            x = block(x, skips, temb, encoder_hidden_states)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))

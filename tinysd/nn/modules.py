@@ -265,8 +265,9 @@ def _raw(value):
     return value.data if isinstance(value, Tensor) else value
 
 
-def _pair(value):
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+def _pairs(op, **values):
+    """Each int-or-pair argument of `op` as an (h, w) pair (F.as_pair names a bad one)."""
+    return [F.as_pair(value, name, op) for name, value in values.items()]
 
 
 def _empty(*shape):
@@ -388,8 +389,8 @@ class Conv2d(Module):
                 f"Conv2d: in_channels {in_channels} and out_channels {out_channels} must be divisible by groups {groups}"
             )
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.kernel_size, self.stride, self.padding, self.dilation = _pairs(
+            "Conv2d", kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
         self.weight = _empty(out_channels, in_channels // groups, *self.kernel_size)
         self.bias = _empty(out_channels) if bias else None
         _init_like_pytorch(self.weight, self.bias, in_channels // groups * math.prod(self.kernel_size))
@@ -443,8 +444,9 @@ class ConvTranspose2d(Module):
                 f"must be divisible by groups {groups}"
             )
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.output_padding, self.dilation = _pair(padding), _pair(output_padding), _pair(dilation)
+        self.kernel_size, self.stride, self.padding, self.output_padding, self.dilation = _pairs(
+            "ConvTranspose2d", kernel_size=kernel_size, stride=stride, padding=padding,
+            output_padding=output_padding, dilation=dilation)
         self.weight = _empty(in_channels, out_channels // groups, *self.kernel_size)
         self.bias = _empty(out_channels) if bias else None
         # PyTorch takes the fan from the weight's dim 1, here out_channels // groups
