@@ -6,7 +6,9 @@ draws one array per shape, checks `our_fn` against `numpy_fn` in float32 and
 float64, then gradient-checks `our_fn` in float64 against finite differences.
 """
 
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -89,3 +91,12 @@ def check_op(shapes, numpy_fn, our_fn, *, seed=0, positive=(), layout="contiguou
     # float64, non-contiguous when asked: finite differences against backward().
     xs = [tinysd.tensor(with_layout(a, layout), requires_grad=True, device=device) for a in arrays]
     assert gradcheck(our_fn, xs)
+
+
+def load_script(relative_path):
+    """A script of this repository (an example, a benchmark) imported as a module, by its path."""
+    path = Path(__file__).resolve().parent.parent / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,20 +1,17 @@
 """Smoke test of benchmarks/bench_ops.py: a tiny run writes a complete JSON report (no timing checks)."""
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
+from helpers import load_script
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ops.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_ops", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_ops.py")
 
 
 def test_quick_run_writes_json(bench, tmp_path, capsys):
@@ -47,9 +44,7 @@ BENCH_MODELS = BENCH.parent / "bench_models.py"
 
 def test_bench_models_quick_run(tmp_path, capsys):
     """A tiny run of every model row: our steps run, and where torch is installed its models agree with ours."""
-    spec = importlib.util.spec_from_file_location("bench_models", BENCH_MODELS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/bench_models.py")
     path = tmp_path / "models.json"
     assert module.main(["--quick", "--no-memory", "--repeat", "1", "--per-turn", "1", "--settle", "0",
                         "--json", str(path)]) == 0

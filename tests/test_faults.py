@@ -19,6 +19,7 @@ import pytest
 import tinysd
 from tinysd import io, nn, optim
 from tinysd.training import NonFiniteError, ResumeMismatchError, train
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--quick", "--samples-per-digit", "1", "--steps", "2", "--threads", "1"]
@@ -115,12 +116,7 @@ def test_killed_at_every_point_the_rerun_equals_an_uninterrupted_run(straight, t
 
 @pytest.fixture(scope="module")
 def example():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("mnist_digits", ROOT / "examples" / "mnist_digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/mnist_digits.py")
 
 
 def test_a_checkpoint_with_damaged_data_is_refused_naming_it(example, straight, tmp_path):

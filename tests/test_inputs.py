@@ -1,7 +1,6 @@
 """Inputs: what a careless user can pass gets a clear error naming the op (or the right result),
 never a traceback from deep inside NumPy or Numba; the main job checks every flag before training."""
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from tinysd.models import AutoencoderKL, UNet2DConditionModel
 from tinysd.pipeline import TextToImage
 from tinysd.schedulers import DDIMScheduler, DDPMScheduler
 from tinysd.tokenizer import Tokenizer
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,10 +91,7 @@ def test_set_timesteps_accepts_numpy_ints():
 # ---- the main job's command line: refused before any data is loaded or any stage trained -----------
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("mnist_digits", ROOT / "examples" / "mnist_digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/mnist_digits.py")
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -3,7 +3,6 @@
 Skipped, with the reason, when MNIST is not cached and cannot be downloaded.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,15 +10,13 @@ import pytest
 from PIL import Image
 
 from tinysd.data import load_mnist
+from helpers import load_script
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "magic_function.py"
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("magic_function", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/magic_function.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """The main job's smoke run: `examples/mnist_digits.py --quick` writes every output, well-formed."""
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -8,15 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("mnist_digits", ROOT / "examples" / "mnist_digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/mnist_digits.py")
 
 
 @pytest.fixture(scope="module")

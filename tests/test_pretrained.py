@@ -16,6 +16,7 @@ import tinysd
 from tinysd import Tensor, no_grad, pretrained, schedulers
 from tinysd.gradcheck import gradcheck
 from tinysd.pipeline import StableDiffusionPipeline
+from helpers import load_script
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 FOLDER = os.path.join(FIXTURES, "tiny_sd")
@@ -248,12 +249,7 @@ def test_conv_and_linear_projections_agree():
 
 
 def test_example_script(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "sd_example", os.path.join(os.path.dirname(__file__), "..", "examples", "stable_diffusion.py"))
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/stable_diffusion.py")
     out = tmp_path / "cat.png"
     example.main(["--model", FOLDER, "--prompt", "a cat", "--steps", "2", "--scheduler", "pndm", "--out", str(out)])
     from PIL import Image

@@ -17,6 +17,7 @@ from tinysd import Tensor
 from tinysd.models.blocks import FeedForward, ResnetBlock2D
 from tinysd.models.vae import AutoencoderKL, DiagonalGaussian
 from tinysd.schedulers import DDIMScheduler, DDPMScheduler
+from helpers import load_script
 
 
 # ---- the VAE's reparameterised sample ---------------------------------------------------------
@@ -172,14 +173,9 @@ def test_ddpm_step_spread_is_the_posterior_std():
 def test_mnist_unet_stage_trains_on_the_noise_it_adds(monkeypatch):
     """examples/mnist_digits.py: the UNet sees x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at t,
     and its MSE target is that same eps, standard normal."""
-    import importlib.util
-    from pathlib import Path
     from types import SimpleNamespace
 
-    path = Path(__file__).resolve().parent.parent / "examples" / "mnist_digits.py"
-    spec = importlib.util.spec_from_file_location("mnist_digits_for_noise_test", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/mnist_digits.py")
 
     added, seen, targets = [], [], []
 
