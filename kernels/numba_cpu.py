@@ -929,7 +929,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
     mask, has_mask = _attention_mask(mask, q.dtype)
     blocks, size = _attention_blocks(q, k)
     buffers = np.empty(2 * size, q.dtype)
-    banded = blocks[0][3] - blocks[0][2] < q.shape[1]
+    banded = bool(blocks) and blocks[0][3] - blocks[0][2] < q.shape[1]
     dq, dk, dv = np.empty_like(q), *((np.zeros_like if banded else np.empty_like)(a) for a in (k, v))
     share = np.empty(k.shape[1:2] + (max(k.shape[2], v.shape[2]),), q.dtype) if banded else None
     for b0, b1, i0, i1 in blocks:
