@@ -760,12 +760,15 @@ def log_softmax_backward(dy, y, axis):
 # (scale, mask, causal, softmax, log-sum-exp), and another GEMM gives P V. The
 # (B, Sq, Sk) probabilities never exist in full; backward recomputes each
 # block's P from the saved lse. A block is a few whole batch items when their
-# scores fit _ATTENTION_CHUNK_BYTES, else a band of queries of one item (the
-# softmax is per query, so a band needs nothing from the other rows): Stable
-# Diffusion's 4,096 x 4,096 scores per head are 64 MiB, and each pass over
-# them went to memory. Like the convolution, the Numba passes are serial:
-# they alternate with BLAS calls, which use the cores for large S.
+# scores fit _ATTENTION_CHUNK_BYTES, else a band of queries of one item of up
+# to _ATTENTION_BAND_BYTES (the softmax is per query, so a band needs nothing
+# from the other rows): Stable Diffusion's 4,096 x 4,096 scores per head are
+# 64 MiB, and each pass over them went to memory. Bands of 1-16 MiB ran
+# alike on one thread; the larger made fewer BLAS calls and ran faster on
+# two. Like the convolution, the Numba passes are serial: they alternate with
+# BLAS calls, which use the cores for large S.
 _ATTENTION_CHUNK_BYTES = 1 << 20
+_ATTENTION_BAND_BYTES = 16 << 20
 
 
 @njit(cache=True)
@@ -894,13 +897,16 @@ def _attention_mask(mask, dtype):
 
 
 def _attention_blocks(q, k):
-    """The blocks (b0, b1, i0, i1) of batch items and queries whose scores fit _ATTENTION_CHUNK_BYTES
-    (at least one query row), and the largest block's number of scores."""
+    """The blocks (b0, b1, i0, i1) of batch items and queries: whole items whose scores fit
+    _ATTENTION_CHUNK_BYTES, else bands of queries of _ATTENTION_BAND_BYTES (at least one row);
+    and the largest block's number of scores."""
     batch, sq, sk = q.shape[0], q.shape[1], k.shape[1]
-    rows = max(1, _ATTENTION_CHUNK_BYTES // max(1, sk * q.itemsize))  # query rows that fit
+    row_bytes = max(1, sk * q.itemsize)
+    rows = max(1, _ATTENTION_CHUNK_BYTES // row_bytes)  # query rows that fit
     if rows >= sq:  # whole batch items
         step = max(1, rows // max(1, sq))
         return [(b0, min(batch, b0 + step), 0, sq) for b0 in range(0, batch, step)], step * sq * sk
+    rows = min(sq, max(1, _ATTENTION_BAND_BYTES // row_bytes))
     return [(b, b + 1, i0, min(sq, i0 + rows)) for b in range(batch) for i0 in range(0, sq, rows)], rows * sk
 
 

@@ -587,7 +587,8 @@ def test_numba_attention_in_bands_of_queries_matches_reference(monkeypatch, dtyp
     q, k, v, mask, scale = attention_inputs(cfg, dtype)
     if mask is not None:
         mask[-1, 4] = -np.inf  # a query that sees no key, in the second band
-    monkeypatch.setattr(numba_cpu, "_ATTENTION_CHUNK_BYTES", 3 * cfg["sk"] * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(numba_cpu, "_ATTENTION_CHUNK_BYTES", 2 * cfg["sk"] * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(numba_cpu, "_ATTENTION_BAND_BYTES", 3 * cfg["sk"] * np.dtype(dtype).itemsize)
     monkeypatch.setattr(numba_cpu, "_LONG_ROW", 1)
     blocks, _ = numba_cpu._attention_blocks(q, k)
     assert blocks[:3] == [(0, 1, 0, 3), (0, 1, 3, 6), (0, 1, 6, 7)] and len(blocks) == 6
