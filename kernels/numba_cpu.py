@@ -755,13 +755,20 @@ def log_softmax_backward(dy, y, axis):
 
 
 # ---- attention: BLAS for the products, Numba for the fused softmax ----------------
-# A chunk of batch items at a time: S = Q K^T by one batched GEMM into a buffer
-# that stays in cache, a Numba pass turns the scores into probabilities in
-# place (scale, mask, causal, softmax, log-sum-exp), and another GEMM gives
-# P V. The (B, Sq, Sk) probabilities never exist in full; backward recomputes
-# each chunk's P from the saved lse. Like the convolution, the Numba passes
-# are serial: they alternate with BLAS calls, which use the cores for large S.
+# A block of scores at a time: S = Q K^T by one batched GEMM into a buffer that
+# stays in cache, a Numba pass turns the scores into probabilities in place
+# (scale, mask, causal, softmax, log-sum-exp), and another GEMM gives P V. The
+# (B, Sq, Sk) probabilities never exist in full; backward recomputes each
+# block's P from the saved lse. A block is a few whole batch items when their
+# scores fit _ATTENTION_CHUNK_BYTES, else a band of queries of one item of up
+# to _ATTENTION_BAND_BYTES (the softmax is per query, so a band needs nothing
+# from the other rows): Stable Diffusion's 4,096 x 4,096 scores per head are
+# 64 MiB, and each pass over them went to memory. Bands of 1-16 MiB ran
+# alike on one thread; the larger made fewer BLAS calls and ran faster on
+# two. Like the convolution, the Numba passes are serial: they alternate with
+# BLAS calls, which use the cores for large S.
 _ATTENTION_CHUNK_BYTES = 1 << 20
+_ATTENTION_BAND_BYTES = 16 << 20
 
 
 @njit(cache=True)
@@ -771,41 +778,74 @@ def _visible_keys(i, sk, is_causal):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _shifted_logits(s, b0, mask, has_mask, scale, is_causal, shift, find_max):
-    """In place: s[b, i, j] <- scale * s + mask - m_bi, and -inf for the keys query i does not see.
+def _scaled_logits(s, b0, i0, mask, has_mask, scale, is_causal):
+    """In place: s[b, i, j] <- scale * s + mask, and -inf for the keys query i does not see.
 
-    find_max: m_bi is the row's maximum, stored in shift[b0 + b, i]; else m_bi = shift[b0 + b, i]
-    (the saved log-sum-exp, so that exp gives the probabilities directly). A row with no
-    visible key (m = -inf) becomes all -inf: probabilities 0.
+    s is the block of batch items b0 + b and queries i0 + i.
     """
     chunk, sq, sk = s.shape
     for b in range(chunk):
         for i in range(sq):
             row = s[b, i]
-            visible = _visible_keys(i, sk, is_causal)
+            visible = _visible_keys(i0 + i, sk, is_causal)
             for j in range(visible):
                 row[j] *= scale
             if has_mask:
-                mask_row = mask[(b0 + b) % mask.shape[0], i]
+                mask_row = mask[(b0 + b) % mask.shape[0], i0 + i]
                 for j in range(visible):
                     row[j] += mask_row[j]
-            if find_max:
-                m = -np.inf
-                for j in range(visible):
-                    m = max(m, row[j])
-                shift[b0 + b, i] = m
-            else:
-                m = shift[b0 + b, i]
-            if m == -np.inf:
-                visible = 0
-            for j in range(visible):
-                row[j] -= m
             row[visible:] = -np.inf
 
 
+@njit(cache=True)
+def _short_row_maxima(s, maxima):
+    """maxima[b, i] = max_j s[b, i, j] (a scalar loop: LLVM does not vectorise a max that keeps NaN)."""
+    chunk, sq, sk = s.shape
+    for b in range(chunk):
+        for i in range(sq):
+            row, m = s[b, i], -np.inf
+            for j in range(sk):
+                m = max(m, row[j])
+            maxima[b, i] = m
+
+
 @njit(cache=True, fastmath=_FAST)
-def _normalise_rows(p, b0, lse):
-    """In place: each row of p (exponentials) divided by its sum; lse[b0 + b, i] += log(sum) (-inf for a zero row)."""
+def _subtract_rows(s, b0, i0, shift):
+    """In place: s[b, i, :] -= shift[b0 + b, i0 + i]; a row whose shift is -inf (no visible key) becomes all -inf."""
+    chunk, sq, sk = s.shape
+    for b in range(chunk):
+        for i in range(sq):
+            row, m = s[b, i], shift[b0 + b, i0 + i]
+            if m == -np.inf:
+                row[:] = -np.inf
+                continue
+            for j in range(sk):
+                row[j] -= m
+
+
+_LONG_ROW = 256  # keys from which NumPy's SIMD max beats the scalar loop (4096 keys: 15x; 16 keys: 15x slower)
+
+
+def _shifted_logits(s, b0, i0, mask, has_mask, scale, is_causal, shift, find_max):
+    """In place: s[b, i, j] <- scale * s + mask - m_bi, and -inf for the keys query i does not see.
+
+    find_max: m_bi is the row's maximum, stored in shift[b0 + b, i0 + i]; else m_bi =
+    shift[b0 + b, i0 + i] (the saved log-sum-exp, so that exp gives the probabilities
+    directly). A row with no visible key (m = -inf) becomes all -inf: probabilities 0.
+    """
+    _scaled_logits(s, b0, i0, mask, has_mask, scale, is_causal)
+    if find_max:
+        maxima = shift[b0 : b0 + s.shape[0], i0 : i0 + s.shape[1]]
+        if s.shape[2] >= _LONG_ROW:
+            np.max(s, axis=2, out=maxima)
+        else:
+            _short_row_maxima(s, maxima)
+    _subtract_rows(s, b0, i0, shift)
+
+
+@njit(cache=True, fastmath=_FAST)
+def _normalise_rows(p, b0, i0, lse):
+    """In place: each row of p (exponentials) divided by its sum; lse[b0 + b, i0 + i] += log(sum) (-inf for a zero row)."""
     chunk, sq, sk = p.shape
     for b in range(chunk):
         for i in range(sq):
@@ -817,33 +857,33 @@ def _normalise_rows(p, b0, lse):
                 inv = row.dtype.type(1.0 / total)
                 for j in range(sk):
                     row[j] *= inv
-                lse[b0 + b, i] += math.log(total)
+                lse[b0 + b, i0 + i] += math.log(total)
             else:
-                lse[b0 + b, i] = -np.inf
+                lse[b0 + b, i0 + i] = -np.inf
 
 
-def _scores_to_probabilities(s, b0, mask, has_mask, scale, is_causal, lse):
-    """In place: s[b, i, j] <- p = softmax_j(scale * s + mask) (0 for hidden keys); lse[b0 + b, i] = log sum exp.
+def _scores_to_probabilities(s, b0, i0, mask, has_mask, scale, is_causal, lse):
+    """In place: s[b, i, j] <- p = softmax_j(scale * s + mask) (0 for hidden keys); lse[b0 + b, i0 + i] = log sum exp.
 
-    Three passes over the chunk (logits in Numba, exp in NumPy, sums in Numba) instead of one
+    Three passes over the block (logits in Numba, exp in NumPy, sums in Numba) instead of one
     pass per row: the rows are short (16 or 64 keys in the UNet), so per-row work dominated,
-    and NumPy's SIMD exp over the whole chunk is the fastest exp at hand.
+    and NumPy's SIMD exp over the whole block is the fastest exp at hand.
     """
-    _shifted_logits(s, b0, mask, has_mask, scale, is_causal, lse, True)
+    _shifted_logits(s, b0, i0, mask, has_mask, scale, is_causal, lse, True)
     np.exp(s, out=s)
-    _normalise_rows(s, b0, lse)
+    _normalise_rows(s, b0, i0, lse)
 
 
 @njit(cache=True, fastmath=_FAST)
-def _probabilities_backward(p, dp, b0, dout, out, scale):
-    """In place: dp <- ds = scale * p * (dp - dout . out), row by row of a chunk."""
+def _probabilities_backward(p, dp, b0, i0, dout, out, scale):
+    """In place: dp <- ds = scale * p * (dp - dout . out), row by row of a block."""
     chunk, sq, sk = p.shape
     for b in range(chunk):
         for i in range(sq):
             row, grad = p[b, i], dp[b, i]
             row_dot = 0.0
             for e in range(dout.shape[2]):
-                row_dot += dout[b0 + b, i, e] * out[b0 + b, i, e]
+                row_dot += dout[b0 + b, i0 + i, e] * out[b0 + b, i0 + i, e]
             d = grad.dtype.type(row_dot)
             for j in range(sk):
                 grad[j] = scale * row[j] * (grad[j] - d)
@@ -856,48 +896,66 @@ def _attention_mask(mask, dtype):
     return np.ascontiguousarray(mask, dtype), True
 
 
-def _batch_chunks(q, k):
+def _attention_blocks(q, k):
+    """The blocks (b0, b1, i0, i1) of batch items and queries: whole items whose scores fit
+    _ATTENTION_CHUNK_BYTES, else bands of queries of _ATTENTION_BAND_BYTES (at least one row);
+    and the largest block's number of scores."""
     batch, sq, sk = q.shape[0], q.shape[1], k.shape[1]
-    step = max(1, _ATTENTION_CHUNK_BYTES // max(1, sq * sk * q.itemsize))
-    return [(b0, min(batch, b0 + step)) for b0 in range(0, batch, step)], step
+    row_bytes = max(1, sk * q.itemsize)
+    rows = max(1, _ATTENTION_CHUNK_BYTES // row_bytes)  # query rows that fit
+    if rows >= sq:  # whole batch items
+        step = max(1, rows // max(1, sq))
+        return [(b0, min(batch, b0 + step), 0, sq) for b0 in range(0, batch, step)], step * sq * sk
+    rows = min(sq, max(1, _ATTENTION_BAND_BYTES // row_bytes))
+    return [(b, b + 1, i0, min(sq, i0 + rows)) for b in range(batch) for i0 in range(0, sq, rows)], rows * sk
 
 
 def attention(q, k, v, mask, scale, is_causal):
-    """See reference.attention. Fused per chunk of batch items: S = Q K^T, softmax in place, out = P V."""
+    """See reference.attention. Fused per block of scores: S = Q K^T, softmax in place, out = P V."""
     q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
     out = np.empty(q.shape[:2] + v.shape[2:], q.dtype)
     lse = np.empty(q.shape[:2], q.dtype)
     mask, has_mask = _attention_mask(mask, q.dtype)
-    chunks, step = _batch_chunks(q, k)
-    buffer = np.empty(step * q.shape[1] * k.shape[1], q.dtype)
-    for b0, b1 in chunks:
-        s = buffer[: (b1 - b0) * q.shape[1] * k.shape[1]].reshape(b1 - b0, q.shape[1], k.shape[1])
-        np.matmul(q[b0:b1], k[b0:b1].transpose(0, 2, 1), out=s)
-        _scores_to_probabilities(s, b0, mask, has_mask, q.dtype.type(scale), bool(is_causal), lse)
-        np.matmul(s, v[b0:b1], out=out[b0:b1])
+    blocks, size = _attention_blocks(q, k)
+    buffer = np.empty(size, q.dtype)
+    for b0, b1, i0, i1 in blocks:
+        s = buffer[: (b1 - b0) * (i1 - i0) * k.shape[1]].reshape(b1 - b0, i1 - i0, k.shape[1])
+        np.matmul(q[b0:b1, i0:i1], k[b0:b1].transpose(0, 2, 1), out=s)
+        _scores_to_probabilities(s, b0, i0, mask, has_mask, q.dtype.type(scale), bool(is_causal), lse)
+        np.matmul(s, v[b0:b1], out=out[b0:b1, i0:i1])
     return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
-    """See reference.attention_backward: each chunk's probabilities are rebuilt from lse."""
+    """See reference.attention_backward: each block's probabilities are rebuilt from lse.
+
+    A band of queries adds its share to dk and dv (the keys see every band); dq's rows are its own.
+    """
     dout, q, k, v, out, lse = (np.ascontiguousarray(a, q.dtype) for a in (dout, q, k, v, out, lse))
-    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     mask, has_mask = _attention_mask(mask, q.dtype)
-    chunks, step = _batch_chunks(q, k)
-    size = step * q.shape[1] * k.shape[1]
+    blocks, size = _attention_blocks(q, k)
     buffers = np.empty(2 * size, q.dtype)
-    for b0, b1 in chunks:
-        shape = (b1 - b0, q.shape[1], k.shape[1])
-        n = (b1 - b0) * q.shape[1] * k.shape[1]
+    banded = bool(blocks) and blocks[0][3] - blocks[0][2] < q.shape[1]
+    dq, dk, dv = np.empty_like(q), *((np.zeros_like if banded else np.empty_like)(a) for a in (k, v))
+    share = np.empty(k.shape[1:2] + (max(k.shape[2], v.shape[2]),), q.dtype) if banded else None
+    for b0, b1, i0, i1 in blocks:
+        shape = (b1 - b0, i1 - i0, k.shape[1])
+        n = shape[0] * shape[1] * shape[2]
         s, dp = buffers[:n].reshape(shape), buffers[size : size + n].reshape(shape)
-        np.matmul(q[b0:b1], k[b0:b1].transpose(0, 2, 1), out=s)
-        np.matmul(dout[b0:b1], v[b0:b1].transpose(0, 2, 1), out=dp)
-        _shifted_logits(s, b0, mask, has_mask, q.dtype.type(scale), bool(is_causal), lse, False)
+        np.matmul(q[b0:b1, i0:i1], k[b0:b1].transpose(0, 2, 1), out=s)
+        np.matmul(dout[b0:b1, i0:i1], v[b0:b1].transpose(0, 2, 1), out=dp)
+        _shifted_logits(s, b0, i0, mask, has_mask, q.dtype.type(scale), bool(is_causal), lse, False)
         np.exp(s, out=s)  # the probabilities, rebuilt from the saved lse
-        _probabilities_backward(s, dp, b0, dout, out, q.dtype.type(scale))
-        np.matmul(s.transpose(0, 2, 1), dout[b0:b1], out=dv[b0:b1])
-        np.matmul(dp, k[b0:b1], out=dq[b0:b1])
-        np.matmul(dp.transpose(0, 2, 1), q[b0:b1], out=dk[b0:b1])
+        _probabilities_backward(s, dp, b0, i0, dout, out, q.dtype.type(scale))
+        np.matmul(dp, k[b0:b1], out=dq[b0:b1, i0:i1])
+        if not banded:
+            np.matmul(s.transpose(0, 2, 1), dout[b0:b1], out=dv[b0:b1])
+            np.matmul(dp.transpose(0, 2, 1), q[b0:b1], out=dk[b0:b1])
+            continue
+        for grad, left, right in ((dv, s, dout), (dk, dp, q)):
+            part = share[:, : right.shape[2]]
+            np.matmul(left[0].T, right[b0, i0:i1], out=part)
+            grad[b0] += part
     return dq, dk, dv
 
 

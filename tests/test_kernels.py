@@ -575,6 +575,33 @@ def test_numba_vectorised_exp_matches_numpy(dtype):
     assert math.isclose(total, shifted.astype(np.float64).sum(), rel_tol=1e-6)
 
 
+@pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind, is_causal, mask_batch", [("none", False, 1), ("additive", True, 2),
+                                                               ("boolean-like", False, 1), ("boolean-like", True, 2)])
+def test_numba_attention_in_bands_of_queries_matches_reference(monkeypatch, dtype, mask_kind, is_causal, mask_batch):
+    """Long sequences: scores too large for one block go a band of queries at a time (dk, dv summed over
+    the bands), and rows from _LONG_ROW keys take their maxima from NumPy. Both forced on small arrays here."""
+    numba_cpu = load("numba_cpu")
+    cfg = dict(b=2, sq=7, sk=6, d=3, dv=2, mask_kind=mask_kind, is_causal=is_causal, mask_batch=mask_batch)
+    q, k, v, mask, scale = attention_inputs(cfg, dtype)
+    if mask is not None:
+        mask[-1, 4] = -np.inf  # a query that sees no key, in the second band
+    monkeypatch.setattr(numba_cpu, "_ATTENTION_CHUNK_BYTES", 2 * cfg["sk"] * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(numba_cpu, "_ATTENTION_BAND_BYTES", 3 * cfg["sk"] * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(numba_cpu, "_LONG_ROW", 1)
+    blocks, _ = numba_cpu._attention_blocks(q, k)
+    assert blocks[:3] == [(0, 1, 0, 3), (0, 1, 3, 6), (0, 1, 6, 7)] and len(blocks) == 6
+    out, lse = numba_cpu.attention(q, k, v, mask, scale, is_causal)
+    out_ref, lse_ref = ref.attention(q, k, v, mask, scale, is_causal)
+    assert_matches(out, out_ref, dtype)
+    assert_matches(lse, lse_ref, dtype)
+    dout = randn(*out_ref.shape, dtype=dtype, seed=5)
+    got = numba_cpu.attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal)
+    for g, e in zip(got, ref.attention_backward(dout, q, k, v, out_ref, lse_ref, mask, scale, is_causal)):
+        assert_matches(g, e, dtype)
+
+
 # ---- part 3: numba_cpu's choice of thread count ----------------------------------
 @pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
 def test_numba_small_arrays_run_on_one_thread_large_on_all(monkeypatch):
