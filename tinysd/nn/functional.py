@@ -78,10 +78,10 @@ def _check_window_fits(op, x_shape, kernel, padding, dilation=(1, 1)):
         )
 
 
-def _check_groups(op, groups, channels, which):
-    """The one check of a convolution's `groups` against the channels weight.shape[0] counts."""
+def check_groups(op, groups, channels, which):
+    """The one check of a convolution's `groups` against a channel count (nn.Conv2d calls it too)."""
     if groups < 1 or channels % groups:
-        raise ValueError(f"{op}: groups={groups} must be >= 1 and divide the {channels} {which} channels of weight")
+        raise ValueError(f"{op}: groups={groups} must be >= 1 and divide the {channels} {which} channels")
 
 
 def _bias_tuple(op, bias, channels, like):
@@ -220,7 +220,7 @@ def _check_conv2d_args(x, weight, bias, stride, padding, dilation, groups):
     _check_ndim(op, "weight", weight, 4)
     geo = _window_args(op, stride=stride, padding=padding, dilation=dilation)
     out_ch, in_per_group, kh, kw = weight.shape
-    _check_groups(op, groups, out_ch, "output")
+    check_groups(op, groups, out_ch, "output")
     if x.shape[1] != in_per_group * groups:
         raise ValueError(
             f"{op}: input {x.shape} has {x.shape[1]} channels, but weight {weight.shape} with groups={groups} "
@@ -286,7 +286,7 @@ def _check_conv_transpose2d_args(x, weight, bias, stride, padding, output_paddin
     _check_ndim(op, "weight", weight, 4)
     geo = _window_args(op, stride=stride, padding=padding, output_padding=output_padding, dilation=dilation)
     in_ch, out_per_group = weight.shape[:2]
-    _check_groups(op, groups, in_ch, "input")
+    check_groups(op, groups, in_ch, "input")
     if x.shape[1] != in_ch:
         raise ValueError(f"{op}: input {x.shape} has {x.shape[1]} channels, but weight {weight.shape} expects {in_ch}")
     stride, out_pad = geo["stride"], geo["output_padding"]

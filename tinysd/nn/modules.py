@@ -384,10 +384,8 @@ class Conv2d(Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True):
         super().__init__()
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"Conv2d: in_channels {in_channels} and out_channels {out_channels} must be divisible by groups {groups}"
-            )
+        F.check_groups("Conv2d", groups, in_channels, "input")
+        F.check_groups("Conv2d", groups, out_channels, "output")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.padding, self.dilation = _pairs(
             "Conv2d", kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
