@@ -272,7 +272,7 @@ class Run:
         fix = (f"Pass --retrain {name} to train it again (the stages that depend on it are retrained too), "
                f"or choose another --out.")
         try:
-            state, metadata = io.load_file(path), io.load_metadata(path)
+            state, metadata = io.load_file_and_metadata(path)
         except ValueError as err:
             raise JobError(f"{err}\n{fix}") from None
         if "produced_by" not in metadata:

@@ -171,6 +171,12 @@ def _read_safetensors(path, parse):
 
 def load_file(path):
     """name -> NumPy array from a safetensors file; checks the arrays' checksum when the file has one."""
+    return load_file_and_metadata(path)[0]
+
+
+def load_file_and_metadata(path):
+    """(name -> NumPy array, str -> str metadata) from one read of a safetensors file; the
+    arrays' checksum is checked when the file has one (and left out of the metadata)."""
     _check_path("load_file", path)
 
     def parse(data):
@@ -178,13 +184,13 @@ def load_file(path):
         return arrays, _metadata_of(data)
 
     arrays, metadata = _read_safetensors(path, parse)
-    expected = metadata.get(CHECKSUM_KEY)
+    expected = metadata.pop(CHECKSUM_KEY, None)
     if expected is not None and arrays_checksum(arrays) != expected:
         raise ValueError(
             f"{os.fspath(path)} is damaged: its data does not match the SHA-256 it was saved with "
             f"(a disk or copy error, or an edit); delete it or write it again"
         )
-    return arrays
+    return arrays, metadata
 
 
 def _check_path(op, path):

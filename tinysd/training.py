@@ -151,7 +151,7 @@ def _load_resume(path, model, optimizer, ema, generator, fingerprint):
     if not os.path.exists(path):
         return 0, []
     try:
-        state, metadata = io.load_file(path), io.load_metadata(path)
+        state, metadata = io.load_file_and_metadata(path)
     except ValueError as err:
         raise ResumeMismatchError(f"{err}; delete it to start this stage over") from None
     if metadata.get("fingerprint", "") != fingerprint:
