@@ -223,13 +223,19 @@ def stored_checksum(path):
     """The arrays' SHA-256 that save_file stored in the file (None for files from elsewhere).
     load_file checks it; this only reads it, e.g. to record which upstream file a model came from."""
     _check_path("stored_checksum", path)
+    try:
+        header, _ = read_header(path)
+    except ValueError:
+        return None
+    return (header.get("__metadata__") or {}).get(CHECKSUM_KEY)
+
+
+def read_header(path):
+    """(the JSON header, where the data starts) of a safetensors file, read without its data:
+    the header maps each tensor's name to its dtype, shape and data_offsets."""
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError:
-            return None
-    return (header.get("__metadata__") or {}).get(CHECKSUM_KEY)
+        return json.loads(f.read(header_len)), 8 + header_len
 
 
 # ---- a model, its optimizer and its EMA in one file ----------------------------------------

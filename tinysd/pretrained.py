@@ -25,6 +25,7 @@ import os
 import numpy as np
 from safetensors import safe_open
 
+from . import io
 from .models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 
 # ---- their weight names -> ours ----------------------------------------------------------
@@ -164,11 +165,11 @@ def weights_path(folder, part, variant=None):
 
 def _read_bf16(path, name):
     """A bfloat16 tensor as float32 (NumPy has no bfloat16): its 16 bits are the top half of a float32."""
+    header, data_start = io.read_header(path)
+    info = header[name]
+    begin, end = info["data_offsets"]
     with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        info = json.loads(f.read(header_len))[name]
-        begin, end = info["data_offsets"]
-        f.seek(8 + header_len + begin)
+        f.seek(data_start + begin)
         bits = np.frombuffer(f.read(end - begin), dtype="<u2")
     return (bits.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 
