@@ -43,6 +43,21 @@ def same(name, got, expected):
     print("ok", name)
 
 
+def small_budgets(module, *names):
+    """A runner of fn() with the module's byte budgets `names` (where it has them) at 0: the kernels' paths
+    for large inputs, on small ones."""
+    def run(fn):
+        saved = {name: getattr(module, name) for name in names if hasattr(module, name)}
+        try:
+            for name in saved:
+                setattr(module, name, 0)
+            return fn()
+        finally:
+            for name, value in saved.items():
+                setattr(module, name, value)
+    return run
+
+
 def conv_calls(rng):
     for x_shape, w_shape, stride, padding, dilation, groups in [
         ((2, 3, 7, 6), (4, 3, 3, 2), (1, 1), (1, 0), (1, 1), 1),
@@ -54,6 +69,8 @@ def conv_calls(rng):
         y = ref.conv2d(x, w, *args)
         dy = randn(rng, *y.shape)
         yield "conv2d", lambda m: m.conv2d(x, w, *args)
+        yield "conv2d (bands of rows)", lambda m: small_budgets(m, "_CACHE_BYTES", "_BAND_BYTES")(
+            lambda: m.conv2d(x, w, *args))
         yield "conv2d_grad_input", lambda m: m.conv2d_grad_input(dy, w, x.shape, *args)
         yield "conv2d_grad_weight", lambda m: m.conv2d_grad_weight(dy, x, w.shape, *args)
         wt = randn(rng, w_shape[0], w_shape[1], *w_shape[2:])
@@ -109,6 +126,8 @@ def attention_calls(rng):
         out, lse = ref.attention(q, k, v, mask, 0.5, is_causal)
         dout = randn(rng, *out.shape)
         yield "attention", lambda m: m.attention(q, k, v, mask, 0.5, is_causal)
+        yield "attention (bands of queries, threads)", lambda m: small_budgets(
+            m, "_ATTENTION_CHUNK_BYTES", "_ATTENTION_BAND_BYTES")(lambda: m.attention(q, k, v, mask, 0.5, is_causal))
         yield "attention_backward", lambda m: m.attention_backward(dout, q, k, v, out, lse, mask, 0.5, is_causal)
 
 

@@ -393,6 +393,27 @@ def test_conv2d_matches_reference(kb, dtype, cfg):
                    ref.conv2d_grad_weight(dy, x, w.shape, *args), dtype)
 
 
+@pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(cfg=conv_configs(max_groups=2), band_bytes=st.integers(0, 4000))
+def test_numba_conv2d_in_bands_of_rows_matches_reference(dtype, cfg, band_bytes):
+    """Large images go a band of output rows at a time (channels-first im2col, BLAS writing into y):
+    forced here on small ones by shrinking the cache and band budgets (0 bytes: bands of one row)."""
+    numba_cpu = load("numba_cpu")
+    x, w = randn(*cfg["x_shape"], dtype=dtype), randn(*cfg["w_shape"], dtype=dtype, seed=1)
+    args = cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_cpu, "_CACHE_BYTES", band_bytes)
+        patch.setattr(numba_cpu, "_BAND_BYTES", band_bytes)
+        bands = []
+        patch.setattr(numba_cpu, "_conv2d_in_bands", lambda *a, f=numba_cpu._conv2d_in_bands: bands.append(1) or f(*a))
+        got = numba_cpu.conv2d(x, w, *args)
+    _, _, ho, wo = conv_out(cfg)
+    im2col_bytes = ho * wo * math.prod(cfg["w_shape"][2:]) * cfg["x_shape"][1] * np.dtype(dtype).itemsize
+    assert bool(bands) == (im2col_bytes > band_bytes)
+    assert_matches(got, ref.conv2d(x, w, *args), dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(cfg=conv_configs(max_groups=2), data=st.data())
 def test_conv_transpose2d_matches_reference(kb, dtype, cfg, data):

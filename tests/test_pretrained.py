@@ -273,20 +273,3 @@ def test_attention_in_slices_equals_one_call(monkeypatch):
         sliced = attn(x, ctx).numpy()
     assert len(calls) == 3
     np.testing.assert_allclose(sliced, whole, atol=1e-6)
-
-
-def test_conv_in_bands_equals_one_call(monkeypatch):
-    from tinysd.nn import modules
-
-    conv = tinysd.nn.Conv2d(6, 5, 3, padding=1)
-    x = tinysd.randn(2, 6, 13, 9)
-    with no_grad():
-        whole = conv(x).numpy()
-        monkeypatch.setattr(modules, "CONV_BAND_BYTES", x.size * 4 // 4)  # about 4 bands
-        calls, conv2d = [], modules.F.conv2d
-        monkeypatch.setattr(modules.F, "conv2d", lambda *a, **k: calls.append(a[0].shape) or conv2d(*a, **k))
-        banded = conv(x).numpy()
-    assert len(calls) >= 4 and all(shape[2] < 15 for shape in calls)
-    np.testing.assert_allclose(banded, whole, atol=1e-5)
-    x.requires_grad = True
-    assert conv(x).requires_grad  # with gradients: one ordinary call

@@ -394,8 +394,6 @@ class Conv2d(Module):
         _init_like_pytorch(self.weight, self.bias, in_channels // groups * math.prod(self.kernel_size))
 
     def forward(self, x):
-        if _in_bands(self, x):
-            return _conv2d_in_bands(self, x)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self):
@@ -404,30 +402,6 @@ class Conv2d(Module):
             f"padding={self.padding}" + (f", groups={self.groups}" if self.groups != 1 else "")
             + ("" if self.bias is not None else ", bias=False")
         )
-
-
-CONV_BAND_BYTES = 64 * 2**20
-
-
-def _in_bands(conv, x):
-    """Run `conv` band by band? Only without gradients, for stride-1 undilated kernels taller
-    than one row, on inputs larger than CONV_BAND_BYTES (a VAE decoder at 512x512)."""
-    return (not is_grad_enabled() and x.ndim == 4 and x.size * x.dtype.itemsize > CONV_BAND_BYTES
-            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.kernel_size[0] > 1)
-
-
-def _conv2d_in_bands(conv, x):
-    """conv(x) computed a band of output rows at a time, each from its rows of the padded
-    input (kh - 1 rows of overlap): the convolution kernel's work buffers (an im2col
-    matrix is kh*kw times its input) then hold one band, not the whole image. Same numbers."""
-    ph, pw = conv.padding
-    kh = conv.kernel_size[0]
-    x = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    rows_out = x.shape[2] - kh + 1
-    rows = max(1, rows_out * CONV_BAND_BYTES // (x.size * x.dtype.itemsize))
-    bands = [F.conv2d(x[:, :, r:min(r + rows, rows_out) + kh - 1], conv.weight, conv.bias, 1, 0, 1, conv.groups)
-             for r in range(0, rows_out, rows)]
-    return ops.cat(bands, dim=2)
 
 
 class ConvTranspose2d(Module):
