@@ -31,11 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-import tinysd  # noqa: E402
+import tinysd  # noqa: E402  (first: it sets OpenBLAS's thread timeout before NumPy loads OpenBLAS)
+import numpy as np  # noqa: E402
 import tinysd.nn.functional as F  # noqa: E402
 from tinysd import distributed, io, optim  # noqa: E402
 from tinysd.data import load_dataset, to_float_images  # noqa: E402

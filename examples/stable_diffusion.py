@@ -20,11 +20,10 @@ import os
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import tinysd  # noqa: E402
+import tinysd  # noqa: E402  (first: it sets OpenBLAS's thread timeout before NumPy loads OpenBLAS)
+import numpy as np  # noqa: E402
 from tinysd import schedulers  # noqa: E402
 from tinysd.io import atomic_write  # noqa: E402
 
