@@ -8,20 +8,24 @@ Where the time goes on a CPU, and what this module does about it:
   Here Numba loops write the im2col matrix of a few samples at a time straight
   into a buffer that stays in cache, one BLAS call per chunk multiplies it
   (with BLAS's transpose flags instead of transposed copies), and col2im is a
-  gather: each output row is written by one loop, no atomics.
+  gather: each output row is written by one loop, no atomics. Large images
+  (Stable Diffusion's VAE decoder) go a band of output rows at a time.
 * Attention never materialises the (B, Sq, Sk) probabilities: BLAS computes
   the scores of a chunk of batch items, a fused Numba pass turns them into
-  probabilities in place, BLAS applies them; backward recomputes each chunk's
+  exponentials in place, BLAS applies them; backward recomputes each chunk's
   probabilities from the saved log-sum-exp.
 * Norms, softmax, activations and AdamW are single fused passes over rows,
   with exp computed by a polynomial LLVM can vectorise (_exp_into).
 
 Two thread pools on two cores fight: Numba's parallel loops and OpenBLAS's
 threads each spin while waiting for work, so alternating between them many
-times per call costs far more than it gains. The convolution therefore runs
-its (cheap) data movement in plain serial Numba and lets BLAS use the cores;
-everything without BLAS inside is written as Numba parallel loops (`prange`),
-which run on all threads only for arrays of 2M elements or more (_run).
+times per call costs far more than it gains. The convolution of small images
+therefore runs its (cheap) data movement in plain serial Numba and lets BLAS use
+the cores; everything without BLAS inside is written as Numba parallel loops
+(`prange`), which run on all threads only for arrays of 2M elements or more (_run).
+Long attention sequences go the other way: each thread takes whole bands of
+queries with single-threaded BLAS (_in_threads). tinysd/__init__.py also asks
+OpenBLAS's threads to sleep right after a product instead of spinning.
 
 For the same reason this module asks OpenMP (Numba's default threading layer)
 to let idle threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless
@@ -542,14 +546,9 @@ def _exp_into(src, shift, dst, n, bits):
         v = src[j] - offset
         k = np.floor(max(v, lowest) * t(_LOG2E) + t(0.5))  # np.floor keeps x's float type
         r = (max(v, lowest) - k * t(_LN2_HI)) - k * t(_LN2_LO)
-        if bits.itemsize == 4:  # float32: degree 7 (truncation 5e-9, below half an ulp)
-            p = t(_TAYLOR[7])
-            for c in _TAYLOR[6::-1]:
-                p = p * r + t(c)
-        else:
-            p = t(_TAYLOR[13])
-            for c in _TAYLOR[12::-1]:
-                p = p * r + t(c)
+        p = t(_TAYLOR[13])
+        for c in _TAYLOR[12::-1]:
+            p = p * r + t(c)
         dst[j] = p if v >= lowest else (t(0.0) if v < lowest else v)
         bits[j] = (it(k) + bias) << mantissa
     scale = bits.view(dst.dtype)
@@ -855,8 +854,9 @@ def log_softmax_backward(dy, y, axis):
 # from the other rows): Stable Diffusion's 4,096 x 4,096 scores per head are
 # 64 MiB, and each pass over them went to memory. Bands of 1-16 MiB ran
 # alike on one thread; the larger made fewer BLAS calls and ran faster on
-# two. Like the convolution, the Numba passes are serial: they alternate with
-# BLAS calls, which use the cores for large S.
+# two (smaller bands make BLAS pack all of K and V again for fewer rows).
+# Whole-item blocks run one after another, each BLAS call on all threads;
+# bands are shared out among the threads (see attention).
 _ATTENTION_CHUNK_BYTES = 1 << 20
 _ATTENTION_BAND_BYTES = 16 << 20
 
