@@ -426,6 +426,27 @@ def conv_transpose2d(x, w, stride, padding, output_padding, dilation, groups):
 
 # ---- pooling and upsampling (one parallel task per (n, c) plane) ----------------
 @njit(parallel=True, cache=True)
+def _max_pool_rows(x, kh, kw, sh, sw, y, argmax):
+    """Max pooling without padding, a row of outputs at a time: for each window offset (i, j) in
+    row-major order, every output b of the row compares x[a*sh + i, b*sw + j] with its best so far
+    (strictly greater wins, so the first maximum keeps its place; the first NaN wins over numbers).
+    Half the time of one window after another (_pool_forward) at the classifier's shapes."""
+    n, c, h, w = x.shape
+    _, _, ho, wo = y.shape
+    for task in prange(n * c):
+        plane, out, where = x[task // c, task % c], y[task // c, task % c], argmax[task // c, task % c]
+        for a in range(ho):
+            best, index = out[a], where[a]
+            for i in range(kh):
+                row, start = plane[a * sh + i], (a * sh + i) * w
+                for j in range(kw):
+                    for b in range(wo):
+                        v = row[b * sw + j]
+                        if (i == 0 and j == 0) or v > best[b] or (v != v and best[b] == best[b]):
+                            best[b], index[b] = v, start + b * sw + j
+
+
+@njit(parallel=True, cache=True)
 def _pool_forward(x, kh, kw, sh, sw, ph, pw, is_max, y, argmax):
     """Max (first maximum, flat index into the plane) or mean (divided by KH*KW) of every window."""
     n, c, h, w = x.shape
@@ -450,8 +471,20 @@ def _pool_forward(x, kh, kw, sh, sw, ph, pw, is_max, y, argmax):
 
 
 @njit(parallel=True, cache=True)
-def _pool_backward(dy, argmax, kh, kw, sh, sw, ph, pw, is_max, dx):
-    """Max: dx[argmax] += dy. Mean: every window element += dy / (KH*KW). Each task owns one plane of dx."""
+def _max_pool_backward(dy, argmax, dx):
+    """dx[argmax] += dy, plane by plane (argmax: flat indices into the H*W plane). Each task owns one plane of dx."""
+    n, c, h, w = dx.shape
+    for task in prange(n * c):
+        plane = dx[task // c, task % c].reshape(-1)
+        plane[:] = 0
+        grad, index = dy[task // c, task % c].reshape(-1), argmax[task // c, task % c].reshape(-1)
+        for t in range(grad.size):
+            plane[index[t]] += grad[t]
+
+
+@njit(parallel=True, cache=True)
+def _pool_backward(dy, kh, kw, sh, sw, ph, pw, dx):
+    """Mean: every window element += dy / (KH*KW). Each task owns one plane of dx."""
     n, c, h, w = dx.shape
     _, _, ho, wo = dy.shape
     for task in prange(n * c):
@@ -460,10 +493,6 @@ def _pool_backward(dy, argmax, kh, kw, sh, sw, ph, pw, is_max, dx):
         grad = dy[task // c, task % c]
         for a in range(ho):
             for b in range(wo):
-                if is_max:
-                    index = argmax[task // c, task % c, a, b]
-                    plane[index // w, index % w] += grad[a, b]
-                    continue
                 share = grad[a, b] / (kh * kw)
                 top, left = a * sh - ph, b * sw - pw
                 for r in range(max(top, 0), min(top + kh, h)):
@@ -485,13 +514,16 @@ def max_pool2d(x, kernel, stride, padding):
     x = np.ascontiguousarray(x)
     shape = _pool_output(x.shape, kernel, stride, padding)
     y, argmax = np.empty(shape, x.dtype), np.empty(shape, np.int64)
-    _run(_pool_forward, x, *kernel, *stride, *padding, True, y, argmax)
+    if padding == (0, 0):
+        _run(_max_pool_rows, x, *kernel, *stride, y, argmax)
+    else:
+        _run(_pool_forward, x, *kernel, *stride, *padding, True, y, argmax)
     return y, argmax
 
 
 def max_pool2d_backward(dy, argmax, x_shape, kernel, stride, padding):
     dx = np.empty(x_shape, dy.dtype)
-    _run(_pool_backward, np.ascontiguousarray(dy), np.ascontiguousarray(argmax), *kernel, *stride, *padding, True, dx)
+    _run(_max_pool_backward, np.ascontiguousarray(dy), np.ascontiguousarray(argmax, np.int64), dx)
     return dx
 
 
@@ -505,7 +537,7 @@ def avg_pool2d(x, kernel, stride, padding):
 
 def avg_pool2d_backward(dy, x_shape, kernel, stride, padding):
     dx = np.empty(x_shape, dy.dtype)
-    _run(_pool_backward, np.ascontiguousarray(dy), _NO_ARGMAX, *kernel, *stride, *padding, False, dx)
+    _run(_pool_backward, np.ascontiguousarray(dy), *kernel, *stride, *padding, dx)
     return dx
 
 
