@@ -83,14 +83,14 @@ FULL = dict(
     classifier=dict(steps=1000, batch=128, lr=3e-3),
     vae=dict(steps=900, batch=32, lr=2e-3, kl_weight=1e-4),
     clip=dict(steps=300, batch=256, lr=2e-3),
-    unet=dict(steps=1200, batch=128, lr=2e-3),
+    unet=dict(steps=1200, batch=128, lr=2e-3, min_snr_gamma=5.0),
     train_subset=None,
 )
 QUICK = dict(
     classifier=dict(steps=20, batch=64, lr=3e-3),
     vae=dict(steps=20, batch=64, lr=2e-3, kl_weight=1e-4),
     clip=dict(steps=20, batch=64, lr=2e-3),
-    unet=dict(steps=20, batch=64, lr=2e-3),
+    unet=dict(steps=20, batch=64, lr=2e-3, min_snr_gamma=5.0),
     train_subset=2048,
 )
 
@@ -441,6 +441,11 @@ def stage_unet(run, vae, clip, tokenizer):
             states = clip.text_model(run.tensor(tokenizer(captions)))[0].numpy()  # (K, S, width)
         distributed.broadcast_arrays([latents, states], "latents")  # rank 0's, bit for bit
         T = scheduler.num_train_timesteps
+        # min-SNR-gamma weighting (Hang et al., 2023): a timestep's noise-prediction error weighs
+        # min(SNR, gamma) / SNR, SNR = abar / (1 - abar); the nearly clean steps, easy and many, count less
+        abar = scheduler.alphas_cumprod.astype(np.float64)
+        snr = abar / (1.0 - abar)
+        snr_weight = (np.minimum(snr, cfg["min_snr_gamma"]) / snr).astype(np.float32)
 
         def loss_fn(idx):
             labels = run.train_labels[idx]
@@ -453,7 +458,8 @@ def stage_unet(run, vae, clip, tokenizer):
             # Data parallel: the draws above are the global batch's, so a rank's slice is what one process has.
             noisy, t, which, noise = (distributed.shard(a) for a in (noisy, t, which, noise))
             pred = model(run.tensor(noisy), run.tensor(t), run.tensor(states[which]))
-            return F.mse_loss(pred, run.tensor(noise))
+            per_sample = F.mse_loss(pred, run.tensor(noise), reduction="none").mean(dim=(1, 2, 3))
+            return (per_sample * run.tensor(snr_weight[t])).mean()
 
         ema = optim.EMA(model, decay=0.999)
         opt = optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
@@ -503,8 +509,11 @@ def sample_and_score(run, pipe, classifier):
     predicted = evaluate_in_batches(lambda x: classifier(run.tensor(x)).numpy(), as_input).argmax(1)
     known = labels >= 0
     per_digit = {str(d): float((predicted[labels == d] == d).mean()) for d in range(10) if (labels == d).any()}
-    sample_features = evaluate_in_batches(lambda x: classifier.features(run.tensor(x)).numpy(), as_input)
-    test_features = evaluate_in_batches(lambda x: classifier.features(run.tensor(x)).numpy(), run.test_images[:5000])
+    features = lambda x: evaluate_in_batches(lambda b: classifier.features(run.tensor(b)).numpy(), x)  # noqa: E731
+    split = min(5000, len(run.test_images) // 2)  # the reference: the first 5000 test images
+    sample_features, test_features = features(as_input), features(run.test_images[:split])
+    # the floor: as many other real test images as there are samples, against the same reference
+    real_features = features(run.test_images[split : split + len(prompts)])
     run.metrics["samples"] = {
         "count": len(prompts),
         "wall_s": sample_s,
@@ -512,6 +521,8 @@ def sample_and_score(run, pipe, classifier):
         "accuracy": float((predicted[known] == labels[known]).mean()) if known.any() else None,
         "accuracy_per_digit": per_digit,
         "frechet_distance_classifier_features": frechet_distance(sample_features, test_features),
+        "frechet_distance_real_vs_real": frechet_distance(real_features, test_features),
+        "real_vs_real_count": len(real_features),
         "steps": args.steps,
         "guidance": args.guidance,
         "scheduler": args.scheduler,
@@ -604,7 +615,8 @@ def main(argv=None):
     io.write_json(run.out / "metrics.json", run.metrics)
     s = run.metrics["samples"]
     print(f"[samples] {s['count']} in {s['wall_s']:.1f}s, accuracy {s['accuracy']}, "
-          f"Frechet distance {s['frechet_distance_classifier_features']:.3f}; total {run.metrics['total_wall_s']:.0f}s")
+          f"Frechet distance {s['frechet_distance_classifier_features']:.3f} (real vs real: "
+          f"{s['frechet_distance_real_vs_real']:.3f}); total {run.metrics['total_wall_s']:.0f}s")
     print(f"outputs in {run.out}{os.sep}: samples.png, denoise.gif, samples.npz, metrics.json")
 
 

@@ -299,11 +299,12 @@ def conv2d(x, w, stride, padding, dilation, groups):
     the (pixels, O) = (pixels, K) (K, O) orientation 1.3-4x faster than (O, K) (K, pixels)
     for the UNet's and the VAE's shapes; its channels-last result is moved to NCHW.
     Large images, where one sample's im2col matrix outgrows the cache, go by bands of
-    output rows instead (_conv2d_in_bands).
+    output rows instead (_conv2d_in_bands), and so do single-channel inputs, whose
+    channels-last im2col rows are runs of KW values (3x faster for a 1 -> 32 conv at 32x32).
     """
     x = np.ascontiguousarray(x)
     plan = _ConvPlan("conv2d", x.shape, w.shape, stride, padding, dilation, groups, x.dtype)
-    if plan.p * plan.k * x.dtype.itemsize > _CACHE_BYTES:
+    if plan.p * plan.k * x.dtype.itemsize > _CACHE_BYTES or plan.c == 1:
         return _conv2d_in_bands(x, w, plan)
     wmat = _weight_matrix(w, x.dtype)
     y = np.empty((plan.n, plan.o, plan.ho, plan.wo), x.dtype)

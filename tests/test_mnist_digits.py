@@ -56,6 +56,7 @@ def test_quick_run_writes_every_output(quick_run):
     assert 0.0 <= metrics["samples"]["accuracy"] <= 1.0
     assert set(metrics["samples"]["accuracy_per_digit"]) == {str(d) for d in range(10)}
     assert np.isfinite(metrics["samples"]["frechet_distance_classifier_features"])
+    assert metrics["samples"]["frechet_distance_real_vs_real"] >= 0 and metrics["samples"]["real_vs_real_count"] > 0
 
 
 def test_second_run_skips_finished_stages(quick_run, capsys, monkeypatch):
