@@ -373,8 +373,8 @@ def _conv2d_in_bands(x, w, plan):
                 cols = x[n].reshape(plan.c, -1)[:, a0 * plan.wo : a1 * plan.wo]
             else:
                 cols = cols_all[: (a1 - a0) * plan.wo * plan.k].reshape(plan.k, -1)
-                _im2col_rows(x, n, a0, a1, plan.kh, plan.kw, plan.sh, plan.sw, plan.ph, plan.pw, plan.dh,
-                             plan.dw, plan.wo, cols)
+                _run(_im2col_rows, x, n, a0, a1, plan.kh, plan.kw, plan.sh, plan.sw, plan.ph, plan.pw, plan.dh,
+                     plan.dw, plan.wo, cols)  # all threads for large images only
             band = y_matrix[:, a0 * plan.wo : a1 * plan.wo]
             for k_block, o_block in plan.groups_slices():
                 np.matmul(wmat[o_block], cols[k_block], out=band[o_block])
