@@ -20,10 +20,10 @@ import os
 import sys
 import time
 
-# tinysd's kernels ask OpenMP to let idle threads sleep (kernels/numba_cpu.py); torch shares that OpenMP
+# tinysd asks OpenMP to let idle threads sleep (tinysd/__init__.py, when imported first); torch shares that OpenMP
 # runtime, which reads the setting once, when torch is imported first. Without this line tinysd's
 # parallel kernels would spin under torch's default (a 512 x 512 SD VAE decode: 23 s instead of 14.5 s);
-# torch itself ran 5-14% slower with it at SD size. OMP_WAIT_POLICY=ACTIVE in the environment overrides it.
+# torch itself ran 0-9% slower with it at SD size. OMP_WAIT_POLICY=ACTIVE in the environment overrides it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # as tinysd/__init__.py sets it when imported before NumPy
 

@@ -27,11 +27,9 @@ Long attention sequences go the other way: each thread takes whole bands of
 queries with single-threaded BLAS (_in_threads). tinysd/__init__.py also asks
 OpenBLAS's threads to sleep right after a product instead of spinning.
 
-For the same reason this module asks OpenMP (Numba's default threading layer)
-to let idle threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless
-the environment already says otherwise): with spinning threads, a parallel
-kernel that runs while another process or BLAS holds a core waits for a whole
-scheduler time slice, 8 ms instead of 0.2 ms for a layer norm on this 2-core machine.
+For the same reason tinysd/__init__.py (imported before this module: kernels
+imports tinysd.backend) asks OpenMP, Numba's default threading layer, and
+OpenBLAS to let idle threads sleep instead of spinning.
 
 Kernels compile on first use (float32 and float64) and are cached on disk
 (`cache=True`); optional arguments are passed as flags plus dummy arrays so
@@ -39,15 +37,12 @@ that each kernel has one compiled version per dtype.
 """
 
 import math
-import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when Numba first starts its OpenMP threads
-
-import numpy as np  # noqa: E402
+import numpy as np
 from numba import get_num_threads, njit, prange, set_num_threads, vectorize
 
-from . import reference  # noqa: E402
-from .reference import conv_output_size  # noqa: E402
+from . import reference
+from .reference import conv_output_size
 
 # fastmath flags that let LLVM vectorise sums (reassociate) but keep inf/nan semantics (masks use -inf)
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
