@@ -172,7 +172,7 @@ def test_ddpm_step_spread_is_the_posterior_std():
 # ---- the main job's training loop --------------------------------------------------------------
 def test_mnist_unet_stage_trains_on_the_noise_it_adds(monkeypatch):
     """examples/mnist_digits.py: the UNet sees x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at t,
-    and its MSE target is that same eps, standard normal."""
+    and its MSE target is that same eps, standard normal, each sample's error weighted by min-SNR-5."""
     from types import SimpleNamespace
 
     example = load_script("examples/mnist_digits.py")
@@ -193,19 +193,33 @@ def test_mnist_unet_stage_trains_on_the_noise_it_adds(monkeypatch):
 
     mse_loss = F.mse_loss
 
+    errors, losses = [], []
+
     def spy_mse(input, target, *args, **kw):
         targets.append(target.numpy().copy())
-        return mse_loss(input, target, *args, **kw)
+        out = mse_loss(input, target, *args, **kw)
+        errors.append(out.numpy().copy())
+        return out
+
+    real_train = example.train
+
+    def spy_train(model, opt, loss_fn, *args, **kw):
+        def recorded(idx):
+            loss = loss_fn(idx)
+            losses.append(float(loss.numpy()))
+            return loss
+        return real_train(model, opt, recorded, *args, **kw)
 
     monkeypatch.setattr(example, "DDPMScheduler", SpyScheduler)
     monkeypatch.setattr(example.UNet2DConditionModel, "forward", spy_forward)
     monkeypatch.setattr(example.F, "mse_loss", spy_mse)
+    monkeypatch.setattr(example, "train", spy_train)
 
     tinysd.manual_seed(0)
     images = np.random.default_rng(0).uniform(-1, 1, (8, 1, 16, 16)).astype(np.float32)  # 4x4 latents
     run = SimpleNamespace(
         args=SimpleNamespace(seed=0), device="cpu", train_images=images, train_labels=np.arange(8),
-        budget={"unet": dict(steps=2, batch=4, lr=1e-3)}, tensor=lambda a: tinysd.tensor(a),
+        budget={"unet": dict(steps=2, batch=4, lr=1e-3, min_snr_gamma=5.0)}, tensor=lambda a: tinysd.tensor(a),
         begin=lambda name: tinysd.manual_seed(0), stage=lambda name, model, fit: fit(None, ""),
     )
     tokenizer = example.Tokenizer()
@@ -222,5 +236,11 @@ def test_mnist_unet_stage_trains_on_the_noise_it_adds(monkeypatch):
         np.testing.assert_array_equal(target, noise)
         noises.append(noise.ravel())
         assert t.shape == (4,) and 0 <= t.min() and t.max() < 1000
+    # min-SNR-5: each sample's mean squared error weighs min(SNR_t, 5) / SNR_t, SNR = abar / (1 - abar)
+    for (_, _, t, _, abar), error, loss in zip(added, errors, losses):
+        snr = abar[t].astype(np.float64) / (1 - abar[t].astype(np.float64))
+        weight = np.minimum(snr, 5.0) / snr
+        assert weight.min() < 1.0 or snr.max() <= 5.0
+        np.testing.assert_allclose(loss, np.mean(weight * error.reshape(4, -1).mean(axis=1)), rtol=1e-5)
     eps = np.concatenate(noises)
     assert abs(eps.mean()) < 5 / np.sqrt(eps.size) and abs(eps.std() - 1) < 5 / np.sqrt(2 * eps.size)
