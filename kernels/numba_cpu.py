@@ -24,12 +24,10 @@ therefore runs its (cheap) data movement in plain serial Numba and lets BLAS use
 the cores; everything without BLAS inside is written as Numba parallel loops
 (`prange`), which run on all threads only for arrays of 2M elements or more (_run).
 Long attention sequences go the other way: each thread takes whole bands of
-queries with single-threaded BLAS (_in_threads). tinysd/__init__.py also asks
-OpenBLAS's threads to sleep right after a product instead of spinning.
-
-For the same reason tinysd/__init__.py (imported before this module: kernels
-imports tinysd.backend) asks OpenMP, Numba's default threading layer, and
-OpenBLAS to let idle threads sleep instead of spinning.
+queries with single-threaded BLAS (_in_threads). For the same reason
+tinysd/__init__.py (imported before this module: kernels imports tinysd.backend)
+asks OpenMP, Numba's default threading layer, and OpenBLAS to let idle threads
+sleep instead of spinning.
 
 Kernels compile on first use (float32 and float64) and are cached on disk
 (`cache=True`); optional arguments are passed as flags plus dummy arrays so
@@ -37,6 +35,7 @@ that each kernel has one compiled version per dtype.
 """
 
 import math
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 from numba import get_num_threads, njit, prange, set_num_threads, vectorize
@@ -605,7 +604,7 @@ _BLOCKS = 64  # parallel blocks per kernel: enough to balance 2-16 threads, few 
 
 
 # ---- normalisation: rows normalised over their length, then an affine map ---------
-# Layer norm of x (M, D) works on rows of length D, with the (1, D) weight and bias.
+# Layer norm of x (M, D) works on rows of length D, with the (D,) weight and bias.
 # Group norm of x (N, C, *spatial) works on rows (n, g) of C/G channels x S positions,
 # channel by channel: the per-channel weight and bias are read once per channel, and in
 # the backward pass two sums per channel replace per-element weight-gradient updates
@@ -614,10 +613,9 @@ _BLOCKS = 64  # parallel blocks per kernel: enough to balance 2-16 threads, few 
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def _norm_forward(x, scale, shift, eps, y, mean, rstd):
-    """Layer norm: y = (x - mean) * rstd * scale[0] + shift[0] over each row of x (M, D)."""
+def _norm_forward(x, w, b, eps, y, mean, rstd):
+    """Layer norm: y = (x - mean) * rstd * w + b over each row of x (M, D); w, b (D,)."""
     rows, length = x.shape
-    w, b = scale[0], shift[0]
     for r in prange(rows):
         row, out = x[r], y[r]
         mu = 0.0
@@ -635,14 +633,13 @@ def _norm_forward(x, scale, shift, eps, y, mean, rstd):
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def _norm_backward(dy, x, mean, rstd, scale, blocks, dx, dscale, dshift):
-    """Layer norm backward: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = dy * scale[0];
-    dscale[block, 0] / dshift[block, 0]: sums of dy * xhat and dy over the block's rows."""
+def _norm_backward(dy, x, mean, rstd, w, blocks, dx, dscale, dshift):
+    """Layer norm backward: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with dxhat = dy * w;
+    dscale[block] / dshift[block] (D,): sums of dy * xhat and dy over the block's rows."""
     rows, length = x.shape
-    w = scale[0]
     for block in prange(blocks):
         first, last = _block_rows(block, blocks, rows)
-        dw, db = dscale[block, 0], dshift[block, 0]
+        dw, db = dscale[block], dshift[block]
         for r in range(first, last):
             m, s = x.dtype.type(mean[r]), x.dtype.type(rstd[r])
             sum_d, sum_dx = 0.0, 0.0
@@ -728,8 +725,8 @@ def _group_norm_backward_rows(dy, x, mean, rstd, weight, blocks, dx, dweight, db
 
 
 def _row_param(param, length, fill, dtype):
-    """A layer norm's (D,) parameter (or None -> fill) as the (1, D) row the kernels index."""
-    return np.full((1, length), fill, dtype) if param is None else np.asarray(param, dtype).reshape(1, -1)
+    """A layer norm's (D,) parameter in x's dtype, or `fill` everywhere when there is none."""
+    return np.full(length, fill, dtype) if param is None else np.asarray(param, dtype)
 
 
 def group_norm(x, num_groups, weight, bias, eps):
@@ -773,12 +770,12 @@ def layer_norm_backward(dy, x, mean, rstd, weight):
     x = np.ascontiguousarray(x)
     blocks = min(x.shape[0], get_num_threads())  # one partial sum of the (D,) gradients per thread
     dx = np.empty_like(x)
-    dscale, dshift = np.zeros((2, blocks, 1, x.shape[1]), x.dtype)
+    dscale, dshift = np.zeros((2, blocks, x.shape[1]), x.dtype)
     _run(_norm_backward, np.ascontiguousarray(dy, x.dtype), x, mean.reshape(-1), rstd.reshape(-1),
          _row_param(weight, x.shape[1], 1, x.dtype), blocks, dx, dscale, dshift)
     if weight is None:
         return dx, None, None
-    return dx, dscale.sum(axis=(0, 1)), dshift.sum(axis=(0, 1))
+    return dx, dscale.sum(axis=0), dshift.sum(axis=0)
 
 
 # ---- softmax over rows -------------------------------------------------------------
@@ -1106,17 +1103,18 @@ def _in_threads(run, items):
     thread (numba.set_num_threads is per thread; BLAS is limited through threadpoolctl while they run).
     run's NumPy products and Numba kernels (nogil) release the GIL. One thread, or no threadpoolctl:
     run(items) here."""
-    threads = min(get_num_threads(), len(items))
+    workers = get_num_threads()
+    threads = min(workers, len(items))
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
         threads = 1
     if threads < 2:
         return run(items)
-    if _THREADS.get("size") != threads:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _THREADS.update(size=threads, pool=ThreadPoolExecutor(threads, thread_name_prefix="tinysd"),
+    if _THREADS.get("size") != workers:  # a new pool only when set_num_threads changed the count
+        if "pool" in _THREADS:
+            _THREADS["pool"].shutdown(wait=False)
+        _THREADS.update(size=workers, pool=ThreadPoolExecutor(workers, thread_name_prefix="tinysd"),
                         blas=_THREADS.get("blas") or ThreadpoolController())
 
     def one_thread(t):
@@ -1124,8 +1122,10 @@ def _in_threads(run, items):
         run(items[t::threads])
 
     with _THREADS["blas"].limit(limits=1, user_api="blas"):
-        for done in [_THREADS["pool"].submit(one_thread, t) for t in range(threads)]:
-            done.result()
+        futures = [_THREADS["pool"].submit(one_thread, t) for t in range(threads)]
+        wait(futures)  # all of them, before BLAS gets its threads back, even when one failed
+    for done in futures:
+        done.result()  # raises the first failure
 
 
 def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
