@@ -77,8 +77,9 @@ PLANTS = [
      "return abar**0.5 * original_samples + (1 - abar) * noise",
      ["tests/test_schedulers.py"]),
     ("train_target_fresh_noise", "examples/mnist_digits.py",
-     "return F.mse_loss(pred, run.tensor(noise))",
-     "return F.mse_loss(pred, run.tensor(rng.standard_normal(x0.shape).astype(np.float32)))",
+     "per_sample = F.mse_loss(pred, run.tensor(noise), reduction=\"none\").mean(dim=(1, 2, 3))",
+     "per_sample = F.mse_loss(pred, run.tensor(rng.standard_normal(x0.shape).astype(np.float32)), "
+     "reduction=\"none\").mean(dim=(1, 2, 3))",
      []),
     ("train_noisy_from_other_noise", "examples/mnist_digits.py",
      "noisy = scheduler.add_noise(x0, noise, t)",
