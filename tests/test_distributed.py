@@ -126,3 +126,80 @@ def test_gradients_travel_in_few_buffers_and_come_back_in_place():
 def test_the_library_never_imports_mpi4py():
     code = "import sys, tinysd, tinysd.training, tinysd.distributed; assert 'mpi4py' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(WORKER.parent.parent)))
+
+
+# ---- the main job starts its own ranks ------------------------------------------------------------
+class Became(Exception):
+    """Raised by the stand-in for os.execv: the command the job would have become."""
+
+
+@pytest.fixture
+def job(monkeypatch):
+    """examples/mnist_digits.py with os.execv replaced: start_ranks raises Became(command) instead."""
+    from helpers import load_script
+
+    example = load_script("examples/mnist_digits.py")
+
+    def execv(path, command):
+        raise Became(command)
+
+    monkeypatch.setattr(example.os, "execv", execv)
+    return example
+
+
+def cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+@needs_mpi
+def test_the_job_becomes_mpiexec_with_one_rank_per_core(job, tmp_path):
+    flags = ["--quick", "--out", str(tmp_path)]
+    if cores() < 2:
+        assert job.start_ranks(flags) is None  # one core: one process
+        return
+    with pytest.raises(Became) as became:
+        job.start_ranks(flags)
+    launcher, n, ranks, python, script, *rest = became.value.args[0]
+    expected = 1 << (min(cores(), 32).bit_length() - 1)
+    assert Path(launcher).name == "mpiexec" and (n, ranks) == ("-n", str(expected))
+    assert (python, Path(script).name, rest) == (sys.executable, "mnist_digits.py", [*flags, "--data-parallel"])
+
+
+@needs_mpi
+def test_ranks_flag_sets_the_count_and_one_rank_stays_in_this_process(job, tmp_path):
+    with pytest.raises(Became) as became:
+        job.start_ranks(["--ranks", "3", "--out", str(tmp_path)])
+    assert became.value.args[0][1:3] == ["-n", "3"]
+    assert job.start_ranks(["--ranks", "1", "--out", str(tmp_path)]) is None
+    assert job.start_ranks(["--data-parallel", "--out", str(tmp_path)]) is None  # already a rank
+
+
+def test_without_mpi4py_the_job_runs_in_one_process_unless_ranks_are_asked_for(job, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(job.importlib.util, "find_spec", lambda name, *a: None if name == "mpi4py" else real(name, *a))
+    assert job.start_ranks(["--out", str(tmp_path)]) is None
+    with pytest.raises(job.JobError, match="--ranks 2 needs mpi4py and an mpiexec"):
+        job.start_ranks(["--ranks", "2", "--out", str(tmp_path)])
+
+
+def test_main_in_this_process_refuses_more_than_one_rank(job, tmp_path):
+    with pytest.raises(job.JobError, match="--ranks 2 starts its processes from the command line only"):
+        job.main(["--ranks", "2", "--quick", "--out", str(tmp_path)])
+
+
+@needs_mpi
+def test_the_command_line_job_runs_on_two_ranks(tmp_path):
+    """`python examples/mnist_digits.py --ranks 2 --quick`: every output, written once, by rank 0."""
+    script = WORKER.parent.parent / "examples" / "mnist_digits.py"
+    env = dict(os.environ, PYTHONPATH=str(WORKER.parent.parent), PATH=f"{Path(find_mpiexec()).parent}{os.pathsep}"
+               f"{os.environ['PATH']}")
+    done = subprocess.run([sys.executable, str(script), "--ranks", "2", "--quick", "--samples-per-digit", "1",
+                           "--steps", "2", "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert "[ranks] 2 processes, data parallel" in log, log
+    assert log.count("[samples]") == 1, log  # only rank 0 reports
+    for name in ("classifier", "vae", "clip", "unet"):
+        assert (tmp_path / f"{name}.safetensors").exists()
+    assert (tmp_path / "metrics.json").exists() and (tmp_path / "samples.png").exists()

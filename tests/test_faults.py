@@ -22,7 +22,7 @@ from tinysd.training import NonFiniteError, ResumeMismatchError, train
 from helpers import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["--quick", "--samples-per-digit", "1", "--steps", "2", "--threads", "1"]
+ARGS = ["--quick", "--samples-per-digit", "1", "--steps", "2", "--threads", "1", "--ranks", "1"]  # one process
 TIMINGS = {"wall_s", "images_per_s", "total_wall_s"}  # the only values allowed to differ between runs
 
 # In order: where the job dies, and the step its resume file then holds (None: no resume file).
