@@ -242,8 +242,12 @@ class Run:
         self.checksums = {}  # stage -> SHA-256 of its checkpoint's data, for the stages downstream
         if distributed.is_main() and (swept := io.sweep_temp_files(self.out)):
             print(f"removed {len(swept)} temporary file(s) left by an interrupted write: {', '.join(swept)}")
+        if not distributed.is_main():  # rank 0 downloads and caches the data first, once
+            distributed.barrier(f"{args.dataset} download by rank 0")
         images, self.train_labels = load_dataset(args.dataset, "train")
         test_images, self.test_labels = load_dataset(args.dataset, "test")
+        if distributed.is_main():
+            distributed.barrier(f"{args.dataset} download by rank 0")
         if self.budget["train_subset"]:
             keep = np.random.default_rng(args.seed).permutation(len(images))[: self.budget["train_subset"]]
             images, self.train_labels = images[keep], self.train_labels[keep]
