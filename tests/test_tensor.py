@@ -17,6 +17,19 @@ def leaf(values, dtype=np.float64):
 
 
 # ---- the engine ---------------------------------------------------------------------------
+def test_an_intermediate_no_op_saved_is_freed_before_backward():
+    import weakref
+
+    x = leaf(np.ones((3, 3)))
+    h = x + 1.0  # Add saves nothing: only the next op's inputs could keep h's values alive
+    values = weakref.ref(h.data)
+    y = (h + 1.0) * 2.0 + h  # h used twice: its two gradients must still add up
+    del h
+    assert values() is None, "the graph kept the values of an intermediate no op saved"
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad.data, np.full((3, 3), 3.0))
+
+
 def test_deep_chain_runs_backward_without_recursion():
     x = leaf(1.0)
     y = x

@@ -107,8 +107,8 @@ def unbroadcast_to_inputs(fn, da, db):
     (None where not wanted)."""
     (a, b), (need_a, need_b) = fn.inputs, fn.needs_input_grad
     return (
-        unbroadcast(da, a.data.shape) if need_a and da is not None else None,
-        unbroadcast(db, b.data.shape) if need_b and db is not None else None,
+        unbroadcast(da, a.shape) if need_a and da is not None else None,
+        unbroadcast(db, b.shape) if need_b and db is not None else None,
     )
 
 
@@ -625,7 +625,7 @@ class Expand(Function):
         return backend.array_module(x).broadcast_to(x, shape)
 
     def backward(self, g):
-        return unbroadcast(g, self.inputs[0].data.shape)
+        return unbroadcast(g, self.inputs[0].shape)
 
 
 def expand(x, *sizes):
