@@ -3,8 +3,9 @@
 A small conv net (conv, GroupNorm, SiLU, linear) trained with tinysd.training.train on fixed
 random data: AdamW, gradient clipping, EMA and a resume file, as the main job's stages use
 them. Rank 0 writes the final weights to --out. Faults on demand: --kill-rank R --at-step S
-(rank R SIGKILLs itself), --hang-rank R --at-step S (rank R stops answering), --other-data-rank R
-(rank R trains on other data, which the consistency check must catch).
+(rank R SIGKILLs itself), --hang-rank R --at-step S (rank R stops answering), --interrupt-rank R
+--at-step S (Ctrl-C reaches rank R), --other-data-rank R (rank R trains on other data, which the
+consistency check must catch).
 """
 
 import argparse
@@ -33,6 +34,7 @@ def parse_args():
     p.add_argument("--timeout", type=float, default=None)
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--hang-rank", type=int, default=-1)
+    p.add_argument("--interrupt-rank", type=int, default=-1)
     p.add_argument("--at-step", type=int, default=2)
     p.add_argument("--other-data-rank", type=int, default=-1)
     return p.parse_args()
@@ -62,6 +64,8 @@ def main():
             os.kill(os.getpid(), signal.SIGKILL)
         if step == args.at_step and distributed.rank() == args.hang_rank:
             time.sleep(3600)
+        if step == args.at_step and distributed.rank() == args.interrupt_rank:
+            raise KeyboardInterrupt
         idx = distributed.shard(idx)  # this rank's slice of the global batch
         return F.cross_entropy(model(tinysd.tensor(images[idx])), tinysd.tensor(labels[idx]))
 

@@ -91,6 +91,16 @@ def test_a_hanging_rank_makes_the_others_abort_within_the_timeout(tmp_path):
 
 
 @needs_mpi
+def test_ctrl_c_on_a_rank_stops_every_rank_with_one_line_and_keeps_the_resume_file(tmp_path):
+    code, log, seconds = run_worker(2, tmp_path / "c.safetensors", "--interrupt-rank", "0", "--at-step", "3",
+                                    "--timeout", "20")
+    assert code != 0 and seconds < 60
+    assert "tinysd.distributed: rank 0 interrupted; stopping every rank." in log, log
+    assert "Traceback" not in log, log
+    assert (tmp_path / "c.safetensors.resume").exists()  # written at step 2, before the interrupt
+
+
+@needs_mpi
 def test_ranks_with_different_data_fail_with_a_clear_error(tmp_path):
     code, log, _ = run_worker(2, tmp_path / "d.safetensors", "--other-data-rank", "1", "--timeout", "20")
     assert code != 0

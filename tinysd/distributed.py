@@ -343,7 +343,10 @@ def _abort(what):
 
 
 def _abort_on_uncaught(kind, value, traceback):
-    sys.__excepthook__(kind, value, traceback)
-    sys.stderr.write(f"tinysd.distributed: rank {rank()} failed; aborting every rank.\n")
+    if issubclass(kind, KeyboardInterrupt):  # Ctrl-C reaches every rank: one line, no traceback
+        sys.stderr.write(f"tinysd.distributed: rank {rank()} interrupted; stopping every rank.\n")
+    else:
+        sys.__excepthook__(kind, value, traceback)
+        sys.stderr.write(f"tinysd.distributed: rank {rank()} failed; aborting every rank.\n")
     sys.stderr.flush()
     _comm.Abort(1)
