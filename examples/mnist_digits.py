@@ -1,9 +1,10 @@
 """Text-to-digit latent diffusion on MNIST, from nothing, on tinysd alone.
 
-    python examples/mnist_digits.py                 # the whole job (about 10 minutes on a 2-core CPU)
+    python examples/mnist_digits.py                 # the whole job (about 9 minutes on a 2-core CPU)
     python examples/mnist_digits.py --quick         # a smoke run in about a minute
     python examples/mnist_digits.py --prompt "the number 3" --samples-per-digit 100
-    mpiexec -n 2 python examples/mnist_digits.py --data-parallel   # every stage data-parallel over 2 processes
+    python examples/mnist_digits.py --ranks 1       # in this process (the default: one process per core)
+    mpiexec -n 2 python examples/mnist_digits.py --data-parallel   # what the default starts, with mpi4py
 
 Stages, each saved to `--out` as a safetensors checkpoint and skipped on the
 next run when its checkpoint is there and fits this run (`--retrain STAGE`
