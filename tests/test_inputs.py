@@ -105,6 +105,7 @@ def example():
     (["--guidance", "-1"], "-1 must be a finite number >= 0.0"),
     (["--perceptual-weight", "nan"], "nan must be a finite number >= 0.0"),
     (["--threads", "0"], "out of range: expected 1..1024"),
+    (["--ranks", "0"], "--ranks: 0 is out of range: expected 1..1024"),
     (["--prompt", ""], "an empty prompt"),
     (["--retrain", "everything"], "invalid choice"),
 ])
