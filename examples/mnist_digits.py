@@ -169,7 +169,7 @@ def parse_args(argv=None):
     p.add_argument("--perceptual-weight", type=finite_float(0.0), default=0.0,
                    help="add this times F.perceptual_loss (the classifier's feature maps) to the VAE's loss")
     p.add_argument("--threads", type=int_in(1, 1024), default=None,
-                   help="CPU threads (default: all cores); on a busy machine fewer is faster, see README")
+                   help="CPU threads per process (default: 1 per rank, or all cores in one process); see README")
     p.add_argument("--ranks", type=int_in(1, 1024), default=None,
                    help="data-parallel processes on this machine, started with mpiexec (default: one per core "
                         "where mpi4py and mpiexec are installed, else 1); --ranks 1 trains in this process")
@@ -185,8 +185,9 @@ def parse_args(argv=None):
 
 def start_ranks(argv):
     """From the command line: become `mpiexec -n R python mnist_digits.py ARGS --data-parallel` when
-    R = --ranks, by default one rank per core (a power of two, so the batches split evenly), is
-    more than 1 and mpi4py and mpiexec are installed; return (one process runs) otherwise.
+    R = --ranks, by default one rank per core (per --threads cores if given; a power of two, so the
+    batches split evenly), is more than 1 and mpi4py and mpiexec are installed; return (one process
+    runs) otherwise.
 
     On the CPU two single-threaded processes beat one process on two threads by far: measured on
     2 cores (benchmarks/bench_data_parallel.py), images/s of 1 process x 1 thread / 1 x 2 threads /
@@ -199,8 +200,9 @@ def start_ranks(argv):
     launcher = shutil.which("mpiexec", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
     usable = launcher is not None and importlib.util.find_spec("mpi4py") is not None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if args.ranks is None:
-        ranks = 1 << (min(cores, 32).bit_length() - 1) if usable else 1  # 128, 32 and 256 split evenly
+    if args.ranks is None:  # as many ranks of --threads threads (default 1) as the cores hold
+        fit = max(1, min(cores // (args.threads or 1), 32))
+        ranks = 1 << (fit.bit_length() - 1) if usable else 1  # a power of two: 128, 32 and 256 split evenly
         if ranks == 1:
             return
     elif not usable:

@@ -182,6 +182,8 @@ def test_ranks_flag_sets_the_count_and_one_rank_stays_in_this_process(job, tmp_p
     assert became.value.args[0][1:3] == ["-n", "3"]
     assert job.start_ranks(["--ranks", "1", "--out", str(tmp_path)]) is None
     assert job.start_ranks(["--data-parallel", "--out", str(tmp_path)]) is None  # already a rank
+    # --threads T without --ranks: ranks of T threads each, as many as the cores hold
+    assert job.start_ranks(["--threads", str(cores()), "--out", str(tmp_path)]) is None
 
 
 def test_without_mpi4py_the_job_runs_in_one_process_unless_ranks_are_asked_for(job, tmp_path, monkeypatch):
