@@ -183,6 +183,16 @@ def parse_args(argv=None):
     return args
 
 
+def usable_cores():
+    """The cores this process may run on (its CPU affinity where the OS tells, else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_per_rank(ranks):
+    """Each of `ranks` processes on this machine gets an equal share of the usable cores."""
+    return max(1, usable_cores() // ranks)
+
+
 def start_ranks(argv):
     """From the command line: become `mpiexec -n R python mnist_digits.py ARGS --data-parallel` when
     R = --ranks, by default one rank per core (per --threads cores if given; a power of two, so the
@@ -199,9 +209,8 @@ def start_ranks(argv):
         return
     launcher = shutil.which("mpiexec", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
     usable = launcher is not None and importlib.util.find_spec("mpi4py") is not None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if args.ranks is None:  # as many ranks of --threads threads (default 1) as the cores hold
-        fit = max(1, min(cores // (args.threads or 1), 32))
+        fit = max(1, min(usable_cores() // (args.threads or 1), 32))
         ranks = 1 << (fit.bit_length() - 1) if usable else 1  # a power of two: 128, 32 and 256 split evenly
         if ranks == 1:
             return
@@ -209,7 +218,7 @@ def start_ranks(argv):
         raise JobError(f"--ranks {args.ranks} needs mpi4py and an mpiexec (pip install mpi4py mpich)")
     else:
         ranks = args.ranks
-    print(f"[ranks] {ranks} processes, data parallel, {args.threads or max(1, cores // ranks)} thread(s) each "
+    print(f"[ranks] {ranks} processes, data parallel, {args.threads or threads_per_rank(ranks)} thread(s) each "
           f"(--ranks 1: one process)", flush=True)
     command = [launcher, "-n", str(ranks), sys.executable, str(Path(__file__).resolve()), *argv, "--data-parallel"]
     os.execv(launcher, command)  # this process becomes mpiexec: Ctrl-C reaches the ranks as it would us
@@ -626,7 +635,7 @@ def main(argv=None):
                        f"(python examples/mnist_digits.py --ranks {args.ranks})")
     if args.data_parallel:
         distributed.init(device=args.device)
-        args.threads = args.threads or max(1, (os.cpu_count() or 1) // distributed.local_world_size())
+        args.threads = args.threads or threads_per_rank(distributed.local_world_size())
         if not distributed.is_main():
             sys.stdout = open(os.devnull, "w")  # one rank reports; errors still reach stderr
     if args.threads:

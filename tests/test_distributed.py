@@ -157,20 +157,16 @@ def job(monkeypatch):
     return example
 
 
-def cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 @needs_mpi
 def test_the_job_becomes_mpiexec_with_one_rank_per_core(job, tmp_path):
     flags = ["--quick", "--out", str(tmp_path)]
-    if cores() < 2:
+    if job.usable_cores() < 2:
         assert job.start_ranks(flags) is None  # one core: one process
         return
     with pytest.raises(Became) as became:
         job.start_ranks(flags)
     launcher, n, ranks, python, script, *rest = became.value.args[0]
-    expected = 1 << (min(cores(), 32).bit_length() - 1)
+    expected = 1 << (min(job.usable_cores(), 32).bit_length() - 1)
     assert Path(launcher).name == "mpiexec" and (n, ranks) == ("-n", str(expected))
     assert (python, Path(script).name, rest) == (sys.executable, "mnist_digits.py", [*flags, "--data-parallel"])
 
@@ -183,7 +179,7 @@ def test_ranks_flag_sets_the_count_and_one_rank_stays_in_this_process(job, tmp_p
     assert job.start_ranks(["--ranks", "1", "--out", str(tmp_path)]) is None
     assert job.start_ranks(["--data-parallel", "--out", str(tmp_path)]) is None  # already a rank
     # --threads T without --ranks: ranks of T threads each, as many as the cores hold
-    assert job.start_ranks(["--threads", str(cores()), "--out", str(tmp_path)]) is None
+    assert job.start_ranks(["--threads", str(job.usable_cores()), "--out", str(tmp_path)]) is None
 
 
 def test_without_mpi4py_the_job_runs_in_one_process_unless_ranks_are_asked_for(job, tmp_path, monkeypatch):
