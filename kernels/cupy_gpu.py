@@ -37,6 +37,9 @@ import math
 import cupy as cp
 import numpy as np
 
+# linear layers: the reference's products, which CuPy hands to cuBLAS as written
+from .reference import linear, linear_grad_input, linear_grad_weight  # noqa: F401
+
 BLOCK = 128  # threads per block for the one-block-per-row kernels (must match the CUDA source)
 
 _SOURCE = r"""

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 from numba import get_num_threads, njit, prange, set_num_threads, vectorize
 
-from . import reference
+from . import blas, reference
 from .reference import conv_output_size
 
 # fastmath flags that let LLVM vectorise sums (reassociate) but keep inf/nan semantics (masks use -inf)
@@ -70,6 +70,30 @@ def _run(kernel, *args):
         return kernel(*args)
     finally:
         set_num_threads(threads)
+
+
+# ---- linear layers: one product each, in OpenBLAS's small-matrix blocks (kernels/blas.py) ----
+def linear(x, w, b):
+    """See reference.linear."""
+    y = np.empty((x.shape[0], w.shape[0]), np.result_type(x, w))
+    blas.matmul(x, np.ascontiguousarray(w.T), y)
+    if b is not None:
+        y += b
+    return y
+
+
+def linear_grad_input(dy, w):
+    """See reference.linear_grad_input."""
+    dx = np.empty((dy.shape[0], w.shape[1]), np.result_type(dy, w))
+    blas.matmul(dy, w, dx)
+    return dx
+
+
+def linear_grad_weight(dy, x):
+    """See reference.linear_grad_weight."""
+    dw = np.empty((dy.shape[1], x.shape[1]), np.result_type(dy, x))
+    blas.matmul(dy, x, dw, trans_a=True)
+    return dw
 
 
 # ---- convolution: channels-last im2col, one GEMM per chunk of samples ------------
@@ -303,17 +327,14 @@ def conv2d(x, w, stride, padding, dilation, groups):
     plan = _ConvPlan("conv2d", x.shape, w.shape, stride, padding, dilation, groups, x.dtype)
     if plan.p * plan.k * x.dtype.itemsize > _CACHE_BYTES or plan.c == 1:
         return _conv2d_in_bands(x, w, plan)
-    wmat = _weight_matrix(w, x.dtype)
+    wmat_t = np.ascontiguousarray(_weight_matrix(w, x.dtype).T)  # (KH * KW * C/G, O)
     y = np.empty((plan.n, plan.o, plan.ho, plan.wo), x.dtype)
     for n0, n1 in plan.chunks:
         cols = plan.im2col(x, n0, n1)
         out = plan.out_channels_last(n1 - n0)
         out_matrix = out.reshape(-1, plan.o)
-        if groups == 1:
-            np.matmul(cols, wmat.T, out=out_matrix)
-        else:
-            for k_block, o_block in plan.groups_slices():
-                out_matrix[:, o_block] = cols[:, k_block] @ wmat[o_block].T
+        for k_block, o_block in plan.groups_slices():
+            blas.matmul(cols[:, k_block], wmat_t[:, o_block], out_matrix[:, o_block])
         _to_channels_first(out, 0, 0, n0, y)
     return y
 
@@ -388,11 +409,8 @@ def conv2d_grad_input(dy, w, x_shape, stride, padding, dilation, groups):
     for n0, n1 in plan.chunks:
         dy_matrix = plan.output_matrix(dy, n0, n1)
         cols = plan.cols(n1 - n0)
-        if groups == 1:
-            np.matmul(dy_matrix.T, wmat, out=cols)
-        else:
-            for k_block, o_block in plan.groups_slices():
-                cols[:, k_block] = dy_matrix[o_block].T @ wmat[o_block]
+        for k_block, o_block in plan.groups_slices():
+            blas.matmul(dy_matrix[o_block], wmat[o_block], cols[:, k_block], trans_a=True)
         dxpad = plan.xpad(n1 - n0)
         _col2im(cols, *plan.window(), dxpad)
         _to_channels_first(dxpad, plan.ph, plan.pw, n0, dx)
@@ -411,7 +429,7 @@ def conv2d_grad_weight(dy, x, w_shape, stride, padding, dilation, groups):
         cols = plan.im2col(x, n0, n1)
         dy_matrix = plan.output_matrix(dy, n0, n1)
         for k_block, o_block in plan.groups_slices():
-            dwmat[o_block] += dy_matrix[o_block] @ cols[:, k_block]
+            blas.matmul(dy_matrix[o_block], cols[:, k_block], dwmat[o_block], accumulate=True)
     # (O, KH, KW, C/G) -> (O, C/G, KH, KW)
     return np.ascontiguousarray(dwmat.reshape(plan.o, plan.kh, plan.kw, -1).transpose(0, 3, 1, 2))
 

@@ -39,6 +39,25 @@ def log_softmax_backward(dy, y, axis):
     return dy - xp.exp(y) * dy.sum(axis=axis, keepdims=True)
 
 
+# ---- linear layers ------------------------------------------------------------
+def linear(x, w, b):
+    """y = x W^T + b on rows: x (M, in), W (out, in), b (out,) or None -> y (M, out)."""
+    y = x @ w.T
+    if b is not None:
+        y += b
+    return y
+
+
+def linear_grad_input(dy, w):
+    """dL/dx of linear: dx = dY W, (M, out) (out, in) -> (M, in)."""
+    return dy @ w
+
+
+def linear_grad_weight(dy, x):
+    """dL/dW of linear: dW = dY^T x, a sum over the M rows -> (out, in)."""
+    return dy.T @ x
+
+
 # ---- sliding windows: im2col and its adjoint col2im --------------------------
 def conv_output_size(size, kernel, stride, padding, dilation):
     """Number of window positions along one axis: (size + 2p - d (k - 1) - 1) // s + 1."""

@@ -381,6 +381,16 @@ def assert_matches(got, expected, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@given(m=st.integers(1, 40), n_in=st.integers(1, 12), n_out=st.integers(1, 12), bias=st.booleans())
+def test_linear_matches_reference(kb, dtype, m, n_in, n_out, bias):
+    x, w, dy = randn(m, n_in, dtype=dtype), randn(n_out, n_in, dtype=dtype, seed=1), randn(m, n_out, dtype=dtype, seed=2)
+    b = randn(n_out, dtype=dtype, seed=3) if bias else None
+    assert_matches(kb.linear(kb.put(x), kb.put(w), kb.put(b)), ref.linear(x, w, b), dtype)
+    assert_matches(kb.linear_grad_input(kb.put(dy), kb.put(w)), ref.linear_grad_input(dy, w), dtype)
+    assert_matches(kb.linear_grad_weight(kb.put(dy), kb.put(x)), ref.linear_grad_weight(dy, x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @given(cfg=conv_configs(max_groups=2))
 def test_conv2d_matches_reference(kb, dtype, cfg):
     x, w = randn(*cfg["x_shape"], dtype=dtype), randn(*cfg["w_shape"], dtype=dtype, seed=1)
@@ -624,6 +634,38 @@ def test_numba_attention_in_bands_of_queries_matches_reference(monkeypatch, dtyp
 
 
 # ---- part 3: numba_cpu's choice of thread count ----------------------------------
+@pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(m=st.integers(1, 60), n=st.integers(1, 9), k=st.integers(1, 60), trans_a=st.booleans(),
+       accumulate=st.booleans(), offsets=st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3)),
+       block=st.integers(1, 400))
+def test_blas_matmul_in_blocks_matches_numpy(dtype, m, n, k, trans_a, accumulate, offsets, block):
+    """kernels.blas.matmul: out (=|+=) op(a) @ b by blocks of rows or of the sum, on views whose rows are
+    strided (column offsets into wider arrays). Block limits shrunk so small shapes split into many blocks;
+    on a CPU without OpenBLAS's small-matrix kernels (or in float64) it is np.matmul, checked the same way."""
+    import numba
+
+    blas = load("blas")
+    wide = lambda rows, cols, off, seed: randn(rows, cols + off, dtype=dtype, seed=seed)[:, off:]  # noqa: E731
+    a = wide(k, m, offsets[0], 0) if trans_a else wide(m, k, offsets[0], 0)
+    b, out = wide(k, n, offsets[1], 1), wide(m, n, offsets[2], 2)
+    expected = (a.T if trans_a else a) @ b + (out if accumulate else 0)
+    blocked = []
+    threads = numba.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(blas, "_MAX_BLOCK", block)
+        patch.setattr(blas, "_MIN_BLOCK", 1)
+        patch.setattr(blas, "_gemm_in_blocks", lambda *args, f=blas._gemm_in_blocks: blocked.append(1) or f(*args))
+        numba.set_num_threads(1)
+        try:
+            blas.matmul(a, b, out, trans_a=trans_a, accumulate=accumulate)
+        finally:
+            numba.set_num_threads(threads)
+    rows, summed = block // (n * k) // 8 * 8, block // (m * n) // 8 * 8
+    assert bool(blocked) == (blas._SGEMM is not None and dtype == np.float32 and max(rows, summed) >= 1)
+    np.testing.assert_allclose(out, expected, **TOL[dtype])
+
+
 @pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
 def test_numba_small_arrays_run_on_one_thread_large_on_all(monkeypatch):
     import numba

@@ -145,22 +145,22 @@ class LinearFunction(Function):
 
     Each is a single 2-D GEMM (or sum) over all M rows, and the bias is added in place
     to the product: no separate matmul, transpose, add and reshape nodes.
+    See kernels.reference.linear, linear_grad_input, linear_grad_weight.
     """
 
     def forward(self, x, w, *bias):
         x2 = x.reshape(-1, x.shape[-1])
         self.save_for_backward(x2, w)
         self.x_shape = x.shape
-        y = x2 @ w.T
-        if bias:
-            y += bias[0]
+        y = kernels.for_array(x2).linear(x2, w, bias[0] if bias else None)
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     def backward(self, g):
         x2, w = self.saved
+        k = kernels.for_array(g)
         g2 = g.reshape(-1, w.shape[0])
-        dx = (g2 @ w).reshape(self.x_shape) if self.needs_input_grad[0] else None
-        dw = g2.T @ x2 if self.needs_input_grad[1] else None
+        dx = k.linear_grad_input(g2, w).reshape(self.x_shape) if self.needs_input_grad[0] else None
+        dw = k.linear_grad_weight(g2, x2) if self.needs_input_grad[1] else None
         return (dx, dw) + ((_column_sums(g2) if self.needs_input_grad[2] else None,) if len(self.inputs) > 2 else ())
 
 

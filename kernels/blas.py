@@ -1,0 +1,109 @@
+"""Matrix products for the Numba kernels, in blocks small enough for OpenBLAS's small-matrix kernels.
+
+NumPy multiplies matrices with OpenBLAS. Its usual path first packs both matrices
+into its own blocked layout; for the skinny products of small models (thousands of
+rows times 32-576 columns, the im2col and Linear products of examples/mnist_digits.py)
+that packing costs so much that on one thread it ran them 1.2-1.9x slower than
+PyTorch's MKL. OpenBLAS also has small-matrix kernels that skip the packing, built for
+AVX-512 CPUs (its SkylakeX, Cooperlake and SapphireRapids targets) and taken for
+products of at most 100^3 multiply-adds. So `matmul` cuts a product into blocks under
+that size, either of the rows of the result or, for weight gradients (a small result
+summed over thousands of rows), of the summed dimension, and calls OpenBLAS's
+`cblas_?gemm` on each block from a Numba loop (no Python per block). Measured on one
+thread, for the shapes of the main job: 1.2-1.7x faster than np.matmul, within 10% of
+PyTorch (table in benchmarks/README.md).
+
+Everywhere else (another CPU or BLAS, more than one thread, shapes where blocks lost)
+it is np.matmul.
+"""
+
+import ctypes
+
+import numpy as np
+from numba import get_num_threads, njit
+
+_SMALL_MATRIX_CPUS = {"SkylakeX", "Cooperlake", "SapphireRapids"}  # OpenBLAS targets with those kernels
+_MAX_BLOCK = 100**3  # multiply-adds: OpenBLAS takes the small-matrix kernel at or below this
+_MIN_BLOCK = 96  # rows (of the result, or summed) per block: below ~80, blocks ran slower than np.matmul
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enum values
+
+
+def _openblas_sgemm():
+    """cblas_sgemm as a ctypes function, from the OpenBLAS NumPy loaded, when it has
+    small-matrix kernels for this CPU; None otherwise."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    for lib in threadpool_info():
+        if lib.get("internal_api") != "openblas" or lib.get("architecture") not in _SMALL_MATRIX_CPUS:
+            continue
+        dll = ctypes.CDLL(lib["filepath"])
+        # NumPy's wheels carry OpenBLAS built with 64-bit integers and renamed symbols
+        for name, integer in (("scipy_cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm64_", ctypes.c_int64),
+                              ("scipy_cblas_sgemm", ctypes.c_int), ("cblas_sgemm", ctypes.c_int)):
+            sgemm = getattr(dll, name, None)
+            if sgemm is None or (integer is ctypes.c_int and b"USE64BITINT" in _config(dll)):
+                continue
+            enum, n, ptr, real = ctypes.c_int, integer, ctypes.c_void_p, ctypes.c_float
+            sgemm.argtypes = [enum, enum, enum, n, n, n, real, ptr, n, ptr, n, real, ptr, n]
+            sgemm.restype = None
+            return sgemm
+    return None
+
+
+def _config(dll):
+    for name in ("scipy_openblas_get_config64_", "openblas_get_config64_", "openblas_get_config"):
+        if (fn := getattr(dll, name, None)) is not None:
+            fn.restype = ctypes.c_char_p
+            return fn() or b""
+    return b""
+
+
+# Float32 only: a Numba function called with a second ctypes function type (dgemm's) spent
+# ~0.1 ms on every call choosing its compilation; float64 (gradient checks) goes to np.matmul.
+_SGEMM = _openblas_sgemm()
+
+
+@njit(cache=True)
+def _gemm_in_blocks(gemm, a, trans_a, b, out, beta, rows, summed):
+    """out = op(a) @ b + beta * out, row-major, op(a) = a.T if trans_a else a, by blocks of
+    `rows` rows of out (summed == 0) or of `summed` terms of the sum (rows == 0)."""
+    m, n = out.shape
+    k = b.shape[0]
+    lda, ldb, ldc = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize, out.strides[0] // out.itemsize
+    flag = _TRANS if trans_a else _NO_TRANS
+    if rows:
+        for i in range(0, m, rows):
+            r = min(rows, m - i)
+            block = a[:, i:] if trans_a else a[i:]  # rows i.. of op(a)
+            gemm(_ROW_MAJOR, flag, _NO_TRANS, r, n, k, 1.0, block.ctypes, lda, b.ctypes, ldb, beta,
+                 out[i:].ctypes, ldc)
+    else:
+        for s in range(0, k, summed):
+            r = min(summed, k - s)
+            block = a[s:] if trans_a else a[:, s:]  # columns s.. of op(a)
+            gemm(_ROW_MAJOR, flag, _NO_TRANS, m, n, r, 1.0, block.ctypes, lda, b[s:].ctypes, ldb,
+                 beta if s == 0 else 1.0, out.ctypes, ldc)
+
+
+def matmul(a, b, out, trans_a=False, accumulate=False):
+    """out = op(a) @ b (or out += op(a) @ b with accumulate), op(a) = a.T if trans_a else a.
+
+    a, b, out: 2-D NumPy arrays of one float dtype whose rows are contiguous (views with a
+    row stride are fine); out must not overlap a or b.
+    """
+    m, n = out.shape
+    k = b.shape[0]
+    unit = all(x.strides[1] == x.itemsize and x.dtype == out.dtype for x in (a, b, out))
+    if _SGEMM is not None and out.dtype == np.float32 and unit and min(m, n, k) > 0 and get_num_threads() == 1:
+        rows, summed = _MAX_BLOCK // (n * k) // 8 * 8, _MAX_BLOCK // (m * n) // 8 * 8  # multiples of 8 ran faster
+        beta = 1.0 if accumulate else 0.0
+        if rows >= summed and rows >= _MIN_BLOCK:
+            return _gemm_in_blocks(_SGEMM, a, trans_a, b, out, beta, rows, 0)
+        if summed > rows and summed >= _MIN_BLOCK:
+            return _gemm_in_blocks(_SGEMM, a, trans_a, b, out, beta, 0, summed)
+    if accumulate:
+        out += (a.T if trans_a else a) @ b
+    else:
+        np.matmul(a.T if trans_a else a, b, out=out)
