@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/bench_ops.py: a tiny run writes a complete JSON report (no timing checks)."""
+"""Smoke tests of the benchmarks: a tiny run of each writes a complete report (no timing checks)."""
 
 import json
 import pathlib
@@ -58,3 +58,15 @@ def test_bench_models_quick_run(tmp_path, capsys):
         else:
             assert "torch" in row["errors"] and "torch" not in row["ms"], row
     assert "ours/torch" in capsys.readouterr().out
+
+
+def test_bench_blas_quick_run(tmp_path, capsys):
+    """Every shape's three products run in each implementation and the report names them."""
+    module = load_script("benchmarks/bench_blas.py")
+    path = tmp_path / "blas.json"
+    assert module.main(["--repeat", "1", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert [(r["m"], r["k"], r["n"]) for r in report["rows"]] == [shape[1:] for shape in module.SHAPES]
+    for row in report["rows"]:
+        assert row["blocks_ms"] > 0 and row["numpy_ms"] > 0, row
+    assert "blocks/numpy" in capsys.readouterr().out
