@@ -86,7 +86,7 @@ FULL = dict(
     classifier=dict(steps=1000, batch=128, lr=3e-3),
     vae=dict(steps=900, batch=32, lr=2e-3, kl_weight=1e-4),
     clip=dict(steps=300, batch=256, lr=2e-3),
-    unet=dict(steps=1200, batch=128, lr=2e-3, min_snr_gamma=5.0),
+    unet=dict(steps=1400, batch=128, lr=2e-3, min_snr_gamma=5.0),
     train_subset=None,
 )
 QUICK = dict(
