@@ -66,12 +66,19 @@ _SGEMM = _openblas_sgemm()
 
 
 @njit(cache=True)
+def _leading(x):
+    """BLAS's leading dimension of a row-major matrix: its row stride in elements (any value >= its
+    width will do for a single row, whose stride NumPy may report as anything)."""
+    return x.strides[0] // x.itemsize if x.shape[0] > 1 else x.shape[1]
+
+
+@njit(cache=True)
 def _gemm_in_blocks(gemm, a, trans_a, b, out, beta, rows, summed):
     """out = op(a) @ b + beta * out, row-major, op(a) = a.T if trans_a else a, by blocks of
     `rows` rows of out (summed == 0) or of `summed` terms of the sum (rows == 0)."""
     m, n = out.shape
     k = b.shape[0]
-    lda, ldb, ldc = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize, out.strides[0] // out.itemsize
+    lda, ldb, ldc = _leading(a), _leading(b), _leading(out)
     flag = _TRANS if trans_a else _NO_TRANS
     if rows:
         for i in range(0, m, rows):
@@ -87,6 +94,12 @@ def _gemm_in_blocks(gemm, a, trans_a, b, out, beta, rows, summed):
                  beta if s == 0 else 1.0, out.ctypes, ldc)
 
 
+def _rows_of_columns(x, dtype):
+    """Whether BLAS can take x as it is: non-empty, of `dtype`, unit-stride columns, rows that do not overlap."""
+    return (x.dtype == dtype and x.size > 0 and x.strides[1] == x.itemsize
+            and (x.shape[0] == 1 or x.strides[0] >= x.shape[1] * x.itemsize))
+
+
 def matmul(a, b, out, trans_a=False, accumulate=False):
     """out = op(a) @ b (or out += op(a) @ b with accumulate), op(a) = a.T if trans_a else a.
 
@@ -95,8 +108,8 @@ def matmul(a, b, out, trans_a=False, accumulate=False):
     """
     m, n = out.shape
     k = b.shape[0]
-    unit = all(x.strides[1] == x.itemsize and x.dtype == out.dtype for x in (a, b, out))
-    if _SGEMM is not None and out.dtype == np.float32 and unit and min(m, n, k) > 0 and get_num_threads() == 1:
+    ready = out.dtype == np.float32 and all(_rows_of_columns(x, out.dtype) for x in (a, b, out))
+    if _SGEMM is not None and ready and get_num_threads() == 1:
         rows, summed = _MAX_BLOCK // (n * k) // 8 * 8, _MAX_BLOCK // (m * n) // 8 * 8  # multiples of 8 ran faster
         beta = 1.0 if accumulate else 0.0
         if rows >= summed and rows >= _MIN_BLOCK:

@@ -2,14 +2,16 @@
 
 Where the time goes on a CPU, and what this module does about it:
 
-* Convolution is matrix multiplication (GEMM) plus data movement. NumPy's BLAS
-  multiplies matrices about as fast as this CPU allows; what makes a plain
-  NumPy version slow is building the im2col matrix, transposing, temporaries.
-  Here Numba loops write the im2col matrix of a few samples at a time straight
-  into a buffer that stays in cache, one BLAS call per chunk multiplies it
-  (with BLAS's transpose flags instead of transposed copies), and col2im is a
-  gather: each output row is written by one loop, no atomics. Large images
-  (Stable Diffusion's VAE decoder) go a band of output rows at a time.
+* Convolution is matrix multiplication (GEMM) plus data movement. What makes a
+  plain NumPy version slow is building the im2col matrix, transposing,
+  temporaries. Here Numba loops write the im2col matrix of a few samples at a
+  time straight into a buffer that stays in cache, one product per chunk
+  multiplies it (with BLAS's transpose flags instead of transposed copies), and
+  col2im is a gather: each output row is written by one loop, no atomics. Large
+  images (Stable Diffusion's VAE decoder) go a band of output rows at a time.
+  The products of convolutions and linear layers go through kernels/blas.py,
+  which on one thread feeds OpenBLAS blocks small enough for its unpacked
+  small-matrix kernels (1.3-1.5x faster than np.matmul on these shapes).
 * Attention never materialises the (B, Sq, Sk) probabilities: BLAS computes
   the scores of a chunk of batch items, a fused Numba pass turns them into
   exponentials in place, BLAS applies them; backward recomputes each chunk's

@@ -77,6 +77,14 @@ def conv_calls(rng):
         yield "conv_transpose2d", lambda m: m.conv_transpose2d(dy, wt, stride, padding, (0, 0), dilation, groups)
 
 
+def linear_calls(rng):
+    x, w, b, dy = randn(rng, 9, 5), randn(rng, 4, 5), randn(rng, 4), randn(rng, 9, 4)
+    yield "linear", lambda m: m.linear(x, w, b)
+    yield "linear", lambda m: m.linear(x, w, None)
+    yield "linear_grad_input", lambda m: m.linear_grad_input(dy, w)
+    yield "linear_grad_weight", lambda m: m.linear_grad_weight(dy, x)
+
+
 def pool_calls(rng):
     for kernel, stride, padding in [((2, 2), (2, 2), (0, 0)), ((3, 2), (1, 2), (1, 1)), ((3, 3), (2, 1), (1, 0))]:
         x = randn(rng, 2, 3, 7, 5)
@@ -155,7 +163,7 @@ def main():
     assert checks_are_on(), "Numba's bounds checks are off"
     rng = np.random.default_rng(0)
     count, names = 0, set()
-    for calls in (conv_calls, pool_calls, norm_calls, softmax_calls, attention_calls, elementwise_calls):
+    for calls in (conv_calls, linear_calls, pool_calls, norm_calls, softmax_calls, attention_calls, elementwise_calls):
         for name, call in calls(rng):
             same(name, call(nb), call(ref))
             count, names = count + 1, names | {name}

@@ -643,12 +643,32 @@ def test_blas_matmul_in_blocks_matches_numpy(dtype, m, n, k, trans_a, accumulate
     """kernels.blas.matmul: out (=|+=) op(a) @ b by blocks of rows or of the sum, on views whose rows are
     strided (column offsets into wider arrays). Block limits shrunk so small shapes split into many blocks;
     on a CPU without OpenBLAS's small-matrix kernels (or in float64) it is np.matmul, checked the same way."""
+    wide = lambda rows, cols, off, seed: randn(rows, cols + off, dtype=dtype, seed=seed)[:, off:]  # noqa: E731
+    a = wide(k, m, offsets[0], 0) if trans_a else wide(m, k, offsets[0], 0)
+    _check_blas_matmul(a, wide(k, n, offsets[1], 1), wide(m, n, offsets[2], 2), trans_a, accumulate, block)
+
+
+@pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("which", ["a", "b", "out"])
+def test_blas_matmul_takes_single_rows_with_any_stride(which, trans_a):
+    """NumPy may report any row stride for a one-row matrix (w.T of a (n, 1) weight has the item
+    size): BLAS must still get a leading dimension of at least the row's length."""
+    m, k, n = {"a": (3, 1, 4) if trans_a else (1, 5, 4), "b": (3, 1, 4), "out": (1, 5, 4)}[which]
+    shapes = {"a": (k, m) if trans_a else (m, k), "b": (k, n), "out": (m, n)}
+    arrays = {name: randn(*shape, dtype=np.float32, seed=i) for i, (name, shape) in enumerate(shapes.items())}
+    one_row = arrays[which]
+    assert one_row.shape[0] == 1
+    arrays[which] = np.lib.stride_tricks.as_strided(one_row, strides=(one_row.itemsize, one_row.itemsize))
+    _check_blas_matmul(arrays["a"], arrays["b"], arrays["out"], trans_a, False, 10**6)
+
+
+def _check_blas_matmul(a, b, out, trans_a, accumulate, block):
     import numba
 
     blas = load("blas")
-    wide = lambda rows, cols, off, seed: randn(rows, cols + off, dtype=dtype, seed=seed)[:, off:]  # noqa: E731
-    a = wide(k, m, offsets[0], 0) if trans_a else wide(m, k, offsets[0], 0)
-    b, out = wide(k, n, offsets[1], 1), wide(m, n, offsets[2], 2)
+    m, n = out.shape
+    k = b.shape[0]
     expected = (a.T if trans_a else a) @ b + (out if accumulate else 0)
     blocked = []
     threads = numba.get_num_threads()
@@ -662,8 +682,8 @@ def test_blas_matmul_in_blocks_matches_numpy(dtype, m, n, k, trans_a, accumulate
         finally:
             numba.set_num_threads(threads)
     rows, summed = block // (n * k) // 8 * 8, block // (m * n) // 8 * 8
-    assert bool(blocked) == (blas._SGEMM is not None and dtype == np.float32 and max(rows, summed) >= 1)
-    np.testing.assert_allclose(out, expected, **TOL[dtype])
+    assert bool(blocked) == (blas._SGEMM is not None and out.dtype == np.float32 and max(rows, summed) >= 1)
+    np.testing.assert_allclose(out, expected, **TOL[out.dtype.type])
 
 
 @pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
