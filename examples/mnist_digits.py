@@ -512,6 +512,9 @@ def stage_unet(run, vae, clip, tokenizer):
             per_sample = F.mse_loss(pred, run.tensor(noise), reduction="none").mean(dim=(1, 2, 3))
             return (per_sample * run.tensor(snr_weight[t])).mean()
 
+        # With warmup (diffusers' rule) the decay is min(0.999, (1 + n) / (10 + n)): under 0.993 for all
+        # 1,400 steps, so this averages roughly the last tenth of the run (measured: 0.995, 0.998 and
+        # 0.9995 gave the same weights; the raw weights sampled as well).
         ema = optim.EMA(model, decay=0.999)
         opt = optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
         s = train(model, opt, loss_fn, batches_of(run, cfg), cfg["steps"], lr_at=warmup_cosine(cfg),
