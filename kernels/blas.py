@@ -9,12 +9,12 @@ AVX-512 CPUs (its SkylakeX, Cooperlake and SapphireRapids targets) and taken for
 products of at most 100^3 multiply-adds. So `matmul` cuts a product into blocks under
 that size, either of the rows of the result or, for weight gradients (a small result
 summed over thousands of rows), of the summed dimension, and calls OpenBLAS's
-`cblas_?gemm` on each block from a Numba loop (no Python per block). Measured on one
-thread, for the shapes of the main job: 1.2-1.7x faster than np.matmul, within 10% of
-PyTorch (table in benchmarks/README.md).
+`cblas_sgemm` on each block from a Numba loop (no Python per block). Measured on one
+thread, for the shapes of the main job: 1.3-1.5x faster than np.matmul, within 10% of
+PyTorch (benchmarks/bench_blas.py; table in benchmarks/README.md).
 
-Everywhere else (another CPU or BLAS, more than one thread, shapes where blocks lost)
-it is np.matmul.
+Everywhere else (another CPU or BLAS, float64, more than one thread, shapes where blocks
+lost) it is np.matmul.
 """
 
 import ctypes
@@ -108,8 +108,8 @@ def matmul(a, b, out, trans_a=False, accumulate=False):
     """
     m, n = out.shape
     k = b.shape[0]
-    ready = out.dtype == np.float32 and all(_rows_of_columns(x, out.dtype) for x in (a, b, out))
-    if _SGEMM is not None and ready and get_num_threads() == 1:
+    if (_SGEMM is not None and out.dtype == np.float32 and get_num_threads() == 1
+            and all(_rows_of_columns(x, out.dtype) for x in (a, b, out))):
         rows, summed = _MAX_BLOCK // (n * k) // 8 * 8, _MAX_BLOCK // (m * n) // 8 * 8  # multiples of 8 ran faster
         beta = 1.0 if accumulate else 0.0
         if rows >= summed and rows >= _MIN_BLOCK:
