@@ -1,4 +1,5 @@
-"""Matrix products for the Numba kernels, in blocks small enough for OpenBLAS's small-matrix kernels.
+"""Matrix products for the Numba kernels: OpenBLAS called from Numba loops, in blocks small
+enough for its small-matrix kernels.
 
 NumPy multiplies matrices with OpenBLAS. Its usual path first packs both matrices
 into its own blocked layout; for the skinny products of small models (thousands of
@@ -6,21 +7,25 @@ rows times 32-576 columns, the im2col and Linear products of examples/mnist_digi
 that packing costs so much that on one thread it ran them 1.2-1.9x slower than
 PyTorch's MKL. OpenBLAS also has small-matrix kernels that skip the packing, built for
 AVX-512 CPUs (its SkylakeX, Cooperlake and SapphireRapids targets) and taken for
-products of at most 100^3 multiply-adds. So `matmul` cuts a product into blocks under
+products of at most 100^3 multiply-adds. So `product` cuts a product into blocks under
 that size, either of the rows of the result or, for weight gradients (a small result
 summed over thousands of rows), of the summed dimension, and calls OpenBLAS's
-`cblas_sgemm` on each block from a Numba loop (no Python per block). Measured on one
-thread, for the shapes of the main job: 1.3-1.5x faster than np.matmul, within 10% of
-PyTorch (benchmarks/bench_blas.py; table in benchmarks/README.md).
+`cblas_sgemm` on each block. Measured on one thread, for the shapes of the main job:
+1.3-1.5x faster than np.matmul, within 10% of PyTorch (benchmarks/bench_blas.py; table
+in benchmarks/README.md).
 
-Everywhere else (another CPU or BLAS, float64, more than one thread, shapes where blocks
-lost) it is np.matmul.
+`product` is an ordinary Python function (np.matmul) that Numba compiles to those
+calls (`overload`), so a kernel's loop over chunks of samples is written once and runs
+either way: compiled, with no Python between the chunks, when `gemm_for(dtype)` finds
+the sgemm of the OpenBLAS NumPy loaded (float32, one thread); as plain Python with
+np.matmul everywhere else (another BLAS, float64, more threads).
 """
 
 import ctypes
 
 import numpy as np
 from numba import get_num_threads, njit
+from numba.extending import overload
 
 _SMALL_MATRIX_CPUS = {"SkylakeX", "Cooperlake", "SapphireRapids"}  # OpenBLAS targets with those kernels
 _MAX_BLOCK = 100**3  # multiply-adds: OpenBLAS takes the small-matrix kernel at or below this
@@ -29,14 +34,14 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enum values
 
 
 def _openblas_sgemm():
-    """cblas_sgemm as a ctypes function, from the OpenBLAS NumPy loaded, when it has
-    small-matrix kernels for this CPU; None otherwise."""
+    """(cblas_sgemm as a ctypes function, whether OpenBLAS has small-matrix kernels for this CPU),
+    from the OpenBLAS NumPy loaded; (None, False) when NumPy uses another BLAS."""
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
-        return None
+        return None, False
     for lib in threadpool_info():
-        if lib.get("internal_api") != "openblas" or lib.get("architecture") not in _SMALL_MATRIX_CPUS:
+        if lib.get("internal_api") != "openblas":
             continue
         dll = ctypes.CDLL(lib["filepath"])
         # NumPy's wheels carry OpenBLAS built with 64-bit integers and renamed symbols
@@ -48,8 +53,8 @@ def _openblas_sgemm():
             enum, n, ptr, real = ctypes.c_int, integer, ctypes.c_void_p, ctypes.c_float
             sgemm.argtypes = [enum, enum, enum, n, n, n, real, ptr, n, ptr, n, real, ptr, n]
             sgemm.restype = None
-            return sgemm
-    return None
+            return sgemm, lib.get("architecture") in _SMALL_MATRIX_CPUS
+    return None, False
 
 
 def _config(dll):
@@ -62,7 +67,7 @@ def _config(dll):
 
 # Float32 only: a Numba function called with a second ctypes function type (dgemm's) spent
 # ~0.1 ms on every call choosing its compilation; float64 (gradient checks) goes to np.matmul.
-_SGEMM = _openblas_sgemm()
+_SGEMM, _SMALL_KERNELS = _openblas_sgemm()
 
 
 @njit(cache=True)
@@ -94,6 +99,56 @@ def _gemm_in_blocks(gemm, a, trans_a, b, out, beta, rows, summed):
                  beta if s == 0 else 1.0, out.ctypes, ldc)
 
 
+@njit(cache=True)
+def _product_with(gemm, a, trans_a, b, out, beta, max_block, min_block):
+    """out = op(a) @ b + beta * out through `gemm`: in blocks of at most `max_block` multiply-adds
+    when they are at least `min_block` rows (or summed terms) tall, else in one call."""
+    m, n = out.shape
+    k = b.shape[0]
+    rows, summed = max_block // (n * k) // 8 * 8, max_block // (m * n) // 8 * 8  # multiples of 8 ran faster
+    if rows >= summed and rows >= min_block:
+        _gemm_in_blocks(gemm, a, trans_a, b, out, beta, rows, 0)
+    elif summed > rows and summed >= min_block:
+        _gemm_in_blocks(gemm, a, trans_a, b, out, beta, 0, summed)
+    else:
+        _gemm_in_blocks(gemm, a, trans_a, b, out, beta, m, 0)
+
+
+def product(gemm, a, trans_a, b, out, beta):
+    """out = op(a) @ b + beta * out, op(a) = a.T if trans_a else a, beta 0 or 1.
+
+    Called from Python: np.matmul (gemm is ignored). Compiled by Numba (gemm from `gemm_for`):
+    OpenBLAS's sgemm, in small-matrix blocks where this CPU has those kernels; there a, b and out
+    must have contiguous rows (row strides >= their widths), as slices of C-contiguous arrays do.
+    """
+    if beta:
+        out += (a.T if trans_a else a) @ b
+    else:
+        np.matmul(a.T if trans_a else a, b, out=out)
+
+
+def _block_limits():
+    """(max_block, min_block) for _product_with: one call per product where OpenBLAS has no small-matrix kernels."""
+    return (_MAX_BLOCK, _MIN_BLOCK) if _SMALL_KERNELS else (0, 1)
+
+
+@overload(product)
+def _product_compiled(gemm, a, trans_a, b, out, beta):
+    max_block, min_block = _block_limits()  # constants of the compiled code
+
+    def compiled(gemm, a, trans_a, b, out, beta):
+        _product_with(gemm, a, trans_a, b, out, beta, max_block, min_block)
+
+    return compiled
+
+
+def gemm_for(dtype):
+    """The sgemm for `product` in compiled loops over `dtype` arrays, or None: run those loops as Python."""
+    if _SGEMM is not None and dtype == np.float32 and get_num_threads() == 1:
+        return _SGEMM
+    return None
+
+
 def _rows_of_columns(x, dtype):
     """Whether BLAS can take x as it is: non-empty, of `dtype`, unit-stride columns, rows that do not overlap."""
     return (x.dtype == dtype and x.size > 0 and x.strides[1] == x.itemsize
@@ -101,22 +156,12 @@ def _rows_of_columns(x, dtype):
 
 
 def matmul(a, b, out, trans_a=False, accumulate=False):
-    """out = op(a) @ b (or out += op(a) @ b with accumulate), op(a) = a.T if trans_a else a.
+    """out = op(a) @ b (or out += op(a) @ b with accumulate), op(a) = a.T if trans_a else a, from Python.
 
-    a, b, out: 2-D NumPy arrays of one float dtype whose rows are contiguous (views with a
-    row stride are fine); out must not overlap a or b.
+    a, b, out: 2-D NumPy arrays of one float dtype; out must not overlap a or b.
     """
-    m, n = out.shape
-    k = b.shape[0]
-    if (_SGEMM is not None and out.dtype == np.float32 and get_num_threads() == 1
-            and all(_rows_of_columns(x, out.dtype) for x in (a, b, out))):
-        rows, summed = _MAX_BLOCK // (n * k) // 8 * 8, _MAX_BLOCK // (m * n) // 8 * 8  # multiples of 8 ran faster
-        beta = 1.0 if accumulate else 0.0
-        if rows >= summed and rows >= _MIN_BLOCK:
-            return _gemm_in_blocks(_SGEMM, a, trans_a, b, out, beta, rows, 0)
-        if summed > rows and summed >= _MIN_BLOCK:
-            return _gemm_in_blocks(_SGEMM, a, trans_a, b, out, beta, 0, summed)
-    if accumulate:
-        out += (a.T if trans_a else a) @ b
+    gemm = gemm_for(out.dtype)
+    if gemm is not None and all(_rows_of_columns(x, out.dtype) for x in (a, b, out)):
+        _product_with(gemm, a, trans_a, b, out, 1.0 if accumulate else 0.0, *_block_limits())
     else:
-        np.matmul(a.T if trans_a else a, b, out=out)
+        product(None, a, trans_a, b, out, accumulate)

@@ -8,6 +8,7 @@ luck), and a fresh cache folder makes Numba compile the kernels again with the c
 Prints one line per kernel call, then "checked N calls".
 """
 
+import numba
 import numpy as np
 from numba import config, njit
 
@@ -28,18 +29,18 @@ def checks_are_on():
     return False
 
 
-def randn(rng, *shape):
-    return rng.standard_normal(shape)
+def randn(rng, *shape, dtype=np.float64):
+    return rng.standard_normal(shape).astype(dtype)
 
 
-def same(name, got, expected):
+def same(name, got, expected, tol=1e-9):
     got = got if isinstance(got, tuple) else (got,)
     expected = expected if isinstance(expected, tuple) else (expected,)
     for g, e in zip(got, expected):
         if e is None:
             assert g is None, name
         else:
-            np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-9, err_msg=name)
+            np.testing.assert_allclose(g, e, rtol=tol, atol=tol, err_msg=name)
     print("ok", name)
 
 
@@ -58,27 +59,27 @@ def small_budgets(module, *names):
     return run
 
 
-def conv_calls(rng):
+def conv_calls(rng, dtype=np.float64):
     for x_shape, w_shape, stride, padding, dilation, groups in [
         ((2, 3, 7, 6), (4, 3, 3, 2), (1, 1), (1, 0), (1, 1), 1),
         ((1, 4, 9, 8), (6, 2, 3, 3), (2, 3), (2, 1), (2, 1), 2),
         ((2, 2, 5, 5), (2, 1, 1, 1), (2, 2), (0, 0), (1, 1), 2),
     ]:
-        x, w = randn(rng, *x_shape), randn(rng, *w_shape)
+        x, w = randn(rng, *x_shape, dtype=dtype), randn(rng, *w_shape, dtype=dtype)
         args = stride, padding, dilation, groups
         y = ref.conv2d(x, w, *args)
-        dy = randn(rng, *y.shape)
+        dy = randn(rng, *y.shape, dtype=dtype)
         yield "conv2d", lambda m: m.conv2d(x, w, *args)
         yield "conv2d (bands of rows)", lambda m: small_budgets(m, "_CACHE_BYTES", "_BAND_BYTES")(
             lambda: m.conv2d(x, w, *args))
         yield "conv2d_grad_input", lambda m: m.conv2d_grad_input(dy, w, x.shape, *args)
         yield "conv2d_grad_weight", lambda m: m.conv2d_grad_weight(dy, x, w.shape, *args)
-        wt = randn(rng, w_shape[0], w_shape[1], *w_shape[2:])
+        wt = randn(rng, w_shape[0], w_shape[1], *w_shape[2:], dtype=dtype)
         yield "conv_transpose2d", lambda m: m.conv_transpose2d(dy, wt, stride, padding, (0, 0), dilation, groups)
 
 
-def linear_calls(rng):
-    x, w, b, dy = randn(rng, 9, 5), randn(rng, 4, 5), randn(rng, 4), randn(rng, 9, 4)
+def linear_calls(rng, dtype=np.float64):
+    x, w, b, dy = (randn(rng, *shape, dtype=dtype) for shape in ((9, 5), (4, 5), (4,), (9, 4)))
     yield "linear", lambda m: m.linear(x, w, b)
     yield "linear", lambda m: m.linear(x, w, None)
     yield "linear_grad_input", lambda m: m.linear_grad_input(dy, w)
@@ -167,6 +168,16 @@ def main():
         for name, call in calls(rng):
             same(name, call(nb), call(ref))
             count, names = count + 1, names | {name}
+    # float32 on one thread: where NumPy's OpenBLAS is found, the compiled chunk loops (blas.product)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        for calls in (conv_calls, linear_calls):
+            for name, call in calls(rng, np.float32):
+                same(f"{name} (float32, one thread)", call(nb), call(ref), tol=1e-4)
+                count += 1
+    finally:
+        numba.set_num_threads(threads)
     public = {n for n in dir(nb) if not n.startswith("_") and callable(getattr(nb, n)) and hasattr(ref, n)}
     public -= {"conv_output_size", "get_num_threads", "set_num_threads", "njit", "prange", "vectorize"}
     missing = public - names

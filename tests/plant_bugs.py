@@ -6,8 +6,8 @@
 Each plant replaces one exact line (or a few) of a library file, runs tests/test_kinks.py,
 tests/test_random_paths.py, tests/test_golden.py and the plant's own older test files, prints
 which tests failed (CAUGHT) or that none did (SURVIVED), then restores the file with
-`git checkout`. It edits the working tree: run it only in a checkout of your own, with nothing
-uncommitted in the files it plants into. Plants into kernels/numba_cpu.py make Numba compile
+`git checkout`. It edits the working tree: run it only in a checkout of your own; it refuses
+to plant into a file with uncommitted changes. Plants into kernels/numba_cpu.py make Numba compile
 again (about a minute). Not collected by pytest.
 """
 
@@ -171,6 +171,14 @@ PLANTS = [
      "r = min(rows, m - i)",
      "r = rows if m - i > rows else m - i - 1",
      ["tests/test_kernels.py"]),
+    ("conv_chunks_weight_grad_overwrites", "kernels/numba_cpu.py",
+     "dwmat[g * og : (g + 1) * og], 1.0)",
+     "dwmat[g * og : (g + 1) * og], 0.0)",
+     ["tests/test_kernels.py"]),
+    ("conv_chunks_last_chunk_full", "kernels/numba_cpu.py",
+     "nc = min(step, n - n0)\n        cols = _im2col_chunk(x, n0, nc, window, xpad_buf, cols_buf)\n        out =",
+     "nc = step\n        cols = _im2col_chunk(x, n0, nc, window, xpad_buf, cols_buf)\n        out =",
+     ["tests/test_kernels.py"]),
     ("blas_one_row_leading_dim_from_stride", "kernels/blas.py",
      "return x.strides[0] // x.itemsize if x.shape[0] > 1 else x.shape[1]",
      "return x.strides[0] // x.itemsize",
@@ -230,6 +238,8 @@ PLANTS = [
 def plant(name, path, old, new, tests):
     """The failing tests (node ids without parameters) with the bug planted; [] if it survived."""
     full = ROOT / path
+    if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", path], cwd=ROOT).returncode:
+        raise SystemExit(f"{name}: {path} has uncommitted changes, which restoring it with git checkout would lose")
     source = full.read_text()
     if source.count(old) != 1:
         raise ValueError(f"{name}: the text to replace occurs {source.count(old)} times in {path}")

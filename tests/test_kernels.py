@@ -424,6 +424,37 @@ def test_numba_conv2d_in_bands_of_rows_matches_reference(dtype, cfg, band_bytes)
     assert_matches(got, ref.conv2d(x, w, *args), dtype)
 
 
+@pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(cfg=conv_configs(max_groups=2), cache_scale=st.integers(1, 40))
+def test_numba_conv_chunk_loops_on_one_thread_match_reference(dtype, cfg, cache_scale):
+    """On one thread, float32 convolutions run their loop over chunks of samples compiled, calling
+    OpenBLAS from Numba (kernels/blas.py's product); float64 runs the same loop as Python. Small
+    cache budgets make chunks of a few samples, the last one short."""
+    import numba
+
+    numba_cpu, blas = load("numba_cpu"), load("blas")
+    x, w = randn(*cfg["x_shape"], dtype=dtype), randn(*cfg["w_shape"], dtype=dtype, seed=1)
+    dy = randn(*conv_out(cfg), dtype=dtype, seed=2)
+    args = cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"]
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        assert (blas.gemm_for(np.dtype(dtype)) is not None) == (blas._SGEMM is not None and dtype == np.float32)
+        with pytest.MonkeyPatch.context() as patch:
+            _, _, ho, wo = conv_out(cfg)  # a budget of at least one sample's im2col matrix: not the bands path
+            im2col_bytes = ho * wo * cfg["x_shape"][1] * math.prod(cfg["w_shape"][2:]) * np.dtype(dtype).itemsize
+            patch.setattr(numba_cpu, "_CACHE_BYTES", im2col_bytes * cache_scale)
+            got = (numba_cpu.conv2d(x, w, *args), numba_cpu.conv2d_grad_input(dy, w, x.shape, *args),
+                   numba_cpu.conv2d_grad_weight(dy, x, w.shape, *args))
+    finally:
+        numba.set_num_threads(threads)
+    expected = (ref.conv2d(x, w, *args), ref.conv2d_grad_input(dy, w, x.shape, *args),
+                ref.conv2d_grad_weight(dy, x, w.shape, *args))
+    for g, e in zip(got, expected):
+        assert_matches(g, e, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(cfg=conv_configs(max_groups=2), data=st.data())
 def test_conv_transpose2d_matches_reference(kb, dtype, cfg, data):
@@ -664,25 +695,25 @@ def test_blas_matmul_takes_single_rows_with_any_stride(which, trans_a):
 
 
 def _check_blas_matmul(a, b, out, trans_a, accumulate, block):
+    """blas.matmul against NumPy, with blocks of at most `block` multiply-adds (as if this CPU had
+    OpenBLAS's small-matrix kernels: the blocking is right or wrong on any OpenBLAS)."""
     import numba
 
     blas = load("blas")
-    m, n = out.shape
-    k = b.shape[0]
     expected = (a.T if trans_a else a) @ b + (out if accumulate else 0)
-    blocked = []
+    through_openblas = []
     threads = numba.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(blas, "_MAX_BLOCK", block)
         patch.setattr(blas, "_MIN_BLOCK", 1)
-        patch.setattr(blas, "_gemm_in_blocks", lambda *args, f=blas._gemm_in_blocks: blocked.append(1) or f(*args))
+        patch.setattr(blas, "_SMALL_KERNELS", True)
+        patch.setattr(blas, "_product_with", lambda *args, f=blas._product_with: through_openblas.append(1) or f(*args))
         numba.set_num_threads(1)
         try:
             blas.matmul(a, b, out, trans_a=trans_a, accumulate=accumulate)
         finally:
             numba.set_num_threads(threads)
-    rows, summed = block // (n * k) // 8 * 8, block // (m * n) // 8 * 8
-    assert bool(blocked) == (blas._SGEMM is not None and out.dtype == np.float32 and max(rows, summed) >= 1)
+    assert bool(through_openblas) == (blas._SGEMM is not None and out.dtype == np.float32)
     np.testing.assert_allclose(out, expected, **TOL[out.dtype.type])
 
 
