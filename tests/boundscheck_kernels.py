@@ -64,6 +64,7 @@ def conv_calls(rng, dtype=np.float64):
         ((2, 3, 7, 6), (4, 3, 3, 2), (1, 1), (1, 0), (1, 1), 1),
         ((1, 4, 9, 8), (6, 2, 3, 3), (2, 3), (2, 1), (2, 1), 2),
         ((2, 2, 5, 5), (2, 1, 1, 1), (2, 2), (0, 0), (1, 1), 2),
+        ((5, 2, 3, 3), (2, 2, 1, 1), (1, 1), (0, 0), (1, 1), 1),  # chunks of 3 samples: the last one short
     ]:
         x, w = randn(rng, *x_shape, dtype=dtype), randn(rng, *w_shape, dtype=dtype)
         args = stride, padding, dilation, groups

@@ -178,7 +178,7 @@ PLANTS = [
     ("conv_chunks_last_chunk_full", "kernels/numba_cpu.py",
      "nc = min(step, n - n0)\n        cols = _im2col_chunk(x, n0, nc, window, xpad_buf, cols_buf)\n        out =",
      "nc = step\n        cols = _im2col_chunk(x, n0, nc, window, xpad_buf, cols_buf)\n        out =",
-     ["tests/test_kernels.py"]),
+     ["tests/test_kernels.py", "tests/test_boundscheck.py"]),
     ("blas_one_row_leading_dim_from_stride", "kernels/blas.py",
      "return x.strides[0] // x.itemsize if x.shape[0] > 1 else x.shape[1]",
      "return x.strides[0] // x.itemsize",
