@@ -251,7 +251,10 @@ def plant(name, path, old, new, tests):
     finally:
         subprocess.run(["git", "checkout", "--", path], cwd=ROOT, check=True)
     lines = done.stdout.splitlines()
-    return sorted({re.sub(r"\[.*", "", line.split(" ")[1]) for line in lines if line.startswith(("FAILED", "ERROR"))})
+    failed = sorted({re.sub(r"\[.*", "", line.split(" ")[1]) for line in lines if line.startswith(("FAILED", "ERROR"))})
+    if not failed and done.returncode != 0:  # the run itself died (a planted out-of-bounds write): caught too
+        failed = [f"the test run crashing (pytest exit status {done.returncode})"]
+    return failed
 
 
 def main(names):
