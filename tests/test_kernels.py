@@ -9,6 +9,9 @@ hypothesis, in float32 (loose tolerance) and float64 (tight).
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -818,3 +821,23 @@ def test_numba_float32_gelu_erf_fit_is_accurate():
     np.testing.assert_allclose(got[bulk], (x * cdf)[bulk], rtol=2e-6, atol=1e-37)
     np.testing.assert_allclose(got, x * cdf, rtol=2e-5, atol=1e-37)
     np.testing.assert_allclose(numba_cpu.gelu_backward(np.ones_like(x), x, "none"), cdf + x * pdf, rtol=0, atol=3e-7)
+
+
+@pytest.mark.parametrize("preset", [None, "+sse2"])
+def test_numba_gets_full_width_avx512_vectors_unless_the_environment_says_otherwise(preset):
+    """Imported before Numba, tinysd turns off LLVM's preference for 256-bit vectors on AVX-512
+    CPUs; a NUMBA_CPU_FEATURES the environment sets is left as it is."""
+    pytest.importorskip("numba")
+    llvm = pytest.importorskip("llvmlite.binding")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CPU_FEATURES"}
+    if preset:
+        env["NUMBA_CPU_FEATURES"] = preset
+    code = "import tinysd, numba.core.config as c; print(c.CPU_FEATURES)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    features = done.stdout.strip()
+    if preset:
+        assert features == preset
+    elif llvm.get_host_cpu_features().get("avx512f"):
+        assert features.endswith(",-prefer-256-bit") and "+avx512f" in features
+    else:
+        assert features in ("", "None")

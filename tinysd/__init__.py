@@ -1,6 +1,7 @@
 """tinysd: Stable Diffusion from the foundations, on a small autograd engine of its own."""
 
 import os
+import sys
 
 # Idle threads should sleep, not spin: our Numba kernels and BLAS take turns on the same cores.
 # OpenMP (Numba's threading layer) is asked to let idle threads sleep: with spinning threads a
@@ -12,6 +13,29 @@ import os
 # take effect where tinysd is imported first (the examples do) or the environment sets them.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+
+def _numba_uses_full_avx512_vectors():
+    """Let Numba's LLVM vectorise with 512-bit registers on AVX-512 CPUs.
+
+    LLVM's tuning for Intel's AVX-512 server CPUs prefers 256-bit vectors (the "prefer-256-bit"
+    feature, against the clock slow-down of early AVX-512 parts), so Numba's loops ran at half
+    the width the CPU has. Turned off, on this Emerald Rapids machine, one thread: silu and gelu
+    1.2-1.4x faster. Numba reads NUMBA_CPU_FEATURES once, when it is imported: this works where
+    tinysd is imported first and the environment does not set it already.
+    """
+    if "NUMBA_CPU_FEATURES" in os.environ or "numba" in sys.modules:
+        return
+    try:
+        import llvmlite.binding as llvm
+    except ImportError:
+        return
+    features = llvm.get_host_cpu_features()
+    if features.get("avx512f"):
+        os.environ["NUMBA_CPU_FEATURES"] = features.flatten() + ",-prefer-256-bit"
+
+
+_numba_uses_full_avx512_vectors()
 
 import numpy as np  # noqa: E402
 
