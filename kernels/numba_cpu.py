@@ -608,15 +608,52 @@ def avg_pool2d_backward(dy, x_shape, kernel, stride, padding):
     return dx
 
 
+@njit(parallel=True, cache=True)
+def _upsample_planes(x, sh, sw, y):
+    """y[n, c, i*sh + a, j*sw + b] = x[n, c, i, j]: each input row widened once, then copied sh times."""
+    n, c, h, w = x.shape
+    for task in prange(n * c):
+        src, dst = x[task // c, task % c], y[task // c, task % c]
+        for i in range(h):
+            wide = dst[i * sh]
+            for j in range(w):
+                wide[j * sw : (j + 1) * sw] = src[i, j]
+            for a in range(1, sh):
+                dst[i * sh + a] = wide
+
+
+@njit(parallel=True, cache=True)
+def _upsample_planes_backward(dy, sh, sw, dx):
+    """dx[n, c, i, j] = the sum of dy's sh x sw block at (i*sh, j*sw)."""
+    n, c, h, w = dx.shape
+    for task in prange(n * c):
+        src, dst = dy[task // c, task % c], dx[task // c, task % c]
+        for i in range(h):
+            out = dst[i]
+            out[:] = 0
+            for a in range(sh):
+                row = src[i * sh + a]
+                for j in range(w):
+                    for b in range(sw):
+                        out[j] += row[j * sw + b]
+
+
 def upsample_nearest2d(x, scale):
-    """See reference.upsample_nearest2d: NumPy is the fast path (one broadcast copy)."""
+    """See reference.upsample_nearest2d (NumPy's broadcast copy of the same took 2-3x as long)."""
     n, c, h, w = x.shape
     sh, sw = scale
-    return np.broadcast_to(x[:, :, :, None, :, None], (n, c, h, sh, w, sw)).reshape(n, c, h * sh, w * sw)
+    y = np.empty((n, c, h * sh, w * sw), x.dtype)
+    _run(_upsample_planes, np.ascontiguousarray(x), sh, sw, y)
+    return y
 
 
 def upsample_nearest2d_backward(dy, scale):
-    return reference.upsample_nearest2d_backward(dy, scale)
+    """See reference.upsample_nearest2d_backward (NumPy's strided sum over the blocks: 5-10x as long)."""
+    n, c, h, w = dy.shape
+    sh, sw = scale
+    dx = np.empty((n, c, h // sh, w // sw), dy.dtype)
+    _run(_upsample_planes_backward, np.ascontiguousarray(dy), sh, sw, dx)
+    return dx
 
 
 # ---- exp in SIMD-friendly arithmetic ---------------------------------------------
