@@ -678,15 +678,15 @@ def _exp_poly(r):
     return p
 
 
-@overload(_exp_poly, inline="always")
+@overload(_exp_poly)
 def _exp_poly_compiled(r):
     t = np.float32 if r == types.float32 else np.float64
     top, rest = _TAYLOR[_TAYLOR_DEGREE[t]], _TAYLOR[_TAYLOR_DEGREE[t] - 1 :: -1]
 
     def compiled(r):
         p = t(top)
-        for c in rest:
-            p = p * r + t(c)
+        for k in range(len(rest)):  # a constant trip count: LLVM unrolls it
+            p = p * r + t(rest[k])
         return p
 
     return compiled
