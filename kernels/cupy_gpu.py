@@ -39,6 +39,8 @@ import numpy as np
 
 # linear layers: the reference's products, which CuPy hands to cuBLAS as written
 from .reference import linear, linear_grad_input, linear_grad_weight  # noqa: F401
+# GEGLU: the reference's composition of gelu (CuPy's erf through cupyx)
+from .reference import geglu, geglu_backward  # noqa: F401,E402
 
 BLOCK = 128  # threads per block for the one-block-per-row kernels (must match the CUDA source)
 

@@ -1366,6 +1366,15 @@ def _gelu_erf_run(backward, x, dy, out, e, bits):
             out[j] = dy[j] * (out[j] + x[j] * e[j] * t(_INV_SQRT_2PI))
 
 
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _activation_run(kind, backward, x, dy, out, e, bits):
+    """out = act(x), or dy * act'(x) when backward, over one run (e: a scratch run)."""
+    if kind == _GELU_ERF:
+        _gelu_erf_run(backward, x, dy, out, e, bits)
+    else:
+        _sigmoid_gate_run(kind, backward, x, dy, out, e, bits)
+
+
 @njit(parallel=True, cache=True, fastmath=_FAST)
 def _activation(x, dy, out, bits, kind, backward):
     """One activation over flat x (dy: x's size, x itself when not backward), in parallel blocks of runs."""
@@ -1375,11 +1384,34 @@ def _activation(x, dy, out, bits, kind, backward):
         first, last = _block_rows(block, blocks, size)
         for start in range(first, last, _ACTIVATION_RUN):
             stop = min(start + _ACTIVATION_RUN, last)
-            xs, dys, outs = x[start:stop], dy[start:stop], out[start:stop]
-            if kind == _GELU_ERF:
-                _gelu_erf_run(backward, xs, dys, outs, e, bits[block])
-            else:
-                _sigmoid_gate_run(kind, backward, xs, dys, outs, e, bits[block])
+            _activation_run(kind, backward, x[start:stop], dy[start:stop], out[start:stop], e, bits[block])
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def _geglu_rows(x, dy, out, bits, kind, backward):
+    """GEGLU over rows x (M, 2D) = [a, b]: out (M, D) = a * act(b); or, when backward, out (M, 2D) =
+    [dy act(b), dy a act'(b)]. Each run of b goes through the activation in L1, next to its a and dy."""
+    blocks, rows, half = bits.shape[0], x.shape[0], x.shape[1] // 2
+    for block in prange(blocks):
+        e, value, scaled = np.empty((3, _ACTIVATION_RUN), x.dtype)
+        first, last = _block_rows(block, blocks, rows)
+        for r in range(first, last):
+            for start in range(0, half, _ACTIVATION_RUN):
+                stop = min(start + _ACTIVATION_RUN, half)
+                a, b, n = x[r, start:stop], x[r, half + start : half + stop], stop - start
+                if backward:
+                    g, da = dy[r, start:stop], out[r, start:stop]
+                    for j in range(n):
+                        scaled[j] = g[j] * a[j]
+                    _activation_run(kind, True, b, scaled[:n], out[r, half + start : half + stop], e, bits[block])
+                    _activation_run(kind, False, b, b, value[:n], e, bits[block])
+                    for j in range(n):
+                        da[j] = g[j] * value[j]
+                else:
+                    y = out[r, start:stop]
+                    _activation_run(kind, False, b, b, y, e, bits[block])
+                    for j in range(n):
+                        y[j] *= a[j]
 
 
 def _activate(kind, x, dy=None):
@@ -1433,6 +1465,36 @@ def gelu_backward(dy, x, approximate):
     if approximate == "none" and x.dtype != np.float32:
         return _gelu_erf_exact_backward(dy, x)
     return _activate(_GELU_TANH if approximate == "tanh" else _GELU_ERF, x, dy)
+
+
+def _geglu(x, dy, approximate):
+    """geglu (dy None) or geglu_backward on x's rows in one pass, no copies of the halves (float64 with
+    exact erf: the reference's composition, with libm's erf)."""
+    half = x.shape[-1] // 2
+    if approximate == "none" and x.dtype != np.float32:
+        a, b = x[..., :half], x[..., half:]
+        if dy is None:
+            return a * _gelu_erf_exact(b)
+        return np.concatenate([_gelu_erf_exact(b) * dy, _gelu_erf_exact_backward(dy * a, b)], axis=-1)
+    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    out = np.empty(x.shape[:-1] + ((half,) if dy is None else (2 * half,)), x.dtype)
+    flat_dy = rows if dy is None else np.ascontiguousarray(dy, x.dtype).reshape(-1, half)
+    blocks = max(1, min(_BLOCKS, rows.size // (2 * _ACTIVATION_RUN), rows.shape[0]))
+    _run(_geglu_rows, rows, flat_dy, out.reshape(rows.shape[0], -1), _exp_scratch(blocks, _ACTIVATION_RUN, x.dtype),
+         _GELU_TANH if approximate == "tanh" else _GELU_ERF, dy is not None)
+    return out
+
+
+def geglu(x, approximate):
+    """See reference.geglu."""
+    _check_approximate("geglu", approximate)
+    return _geglu(x, None, approximate)
+
+
+def geglu_backward(dy, x, approximate):
+    """See reference.geglu_backward."""
+    _check_approximate("geglu_backward", approximate)
+    return _geglu(x, dy, approximate)
 
 
 # ---- optimiser ---------------------------------------------------------------------

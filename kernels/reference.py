@@ -460,6 +460,19 @@ def gelu_backward(dy, x, approximate):
     raise ValueError(f"gelu_backward: approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
+def geglu(x, approximate):
+    """a * gelu(b) for x = [a, b], its last dim split in halves (GEGLU, Shazeer 2020): (..., 2D) -> (..., D)."""
+    half = x.shape[-1] // 2
+    return x[..., :half] * gelu(x[..., half:], approximate)
+
+
+def geglu_backward(dy, x, approximate):
+    """dx = [da, db] = [dy gelu(b), dy a gelu'(b)] for x = [a, b]."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return array_module(x).concatenate([dy * gelu(b, approximate), gelu_backward(dy * a, b, approximate)], axis=-1)
+
+
 # ---- optimiser ----------------------------------------------------------------
 def adamw_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
     """One AdamW update, in place (PyTorch's formula; `step` counts from 1):

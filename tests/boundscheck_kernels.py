@@ -141,6 +141,13 @@ def attention_calls(rng):
         yield "attention_backward", lambda m: m.attention_backward(dout, q, k, v, out, lse, mask, 0.5, is_causal)
 
 
+def geglu_calls(rng, dtype=np.float64):
+    x, dy = randn(rng, 3, 1030, dtype=dtype), randn(rng, 3, 515, dtype=dtype)  # halves of two runs, the last short
+    for approximate in ("none", "tanh"):
+        yield "geglu", lambda m: m.geglu(x, approximate)
+        yield "geglu_backward", lambda m: m.geglu_backward(dy, x, approximate)
+
+
 def elementwise_calls(rng):
     x, dy = randn(rng, 37) * 4, randn(rng, 37)
     yield "silu", lambda m: m.silu(x)
@@ -148,6 +155,7 @@ def elementwise_calls(rng):
     for approximate in ("none", "tanh"):
         yield "gelu", lambda m: m.gelu(x, approximate)
         yield "gelu_backward", lambda m: m.gelu_backward(dy, x, approximate)
+    yield from geglu_calls(rng)
     for amsgrad in (False, True):
         state = [randn(rng, 5, 7) for _ in range(3)] + [np.abs(randn(rng, 5, 7))]
         state.append(np.abs(randn(rng, 5, 7)) if amsgrad else None)
@@ -173,7 +181,7 @@ def main():
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        for calls in (conv_calls, linear_calls):
+        for calls in (conv_calls, linear_calls, geglu_calls):
             for name, call in calls(rng, np.float32):
                 same(f"{name} (float32, one thread)", call(nb), call(ref), tol=1e-4)
                 count += 1

@@ -319,6 +319,13 @@ def test_reference_activations_formula_and_gradients(approximate):
     finite_difference_check(lambda t: ref.gelu(t, approximate), [x], {0: ref.gelu_backward(dy, x, approximate)}, dy)
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_reference_geglu_formula_and_gradient(approximate):
+    x, dy = randn(3, 2, 10) * 3, randn(3, 2, 5, seed=1)
+    np.testing.assert_allclose(ref.geglu(x, approximate), x[..., :5] * ref.gelu(x[..., 5:], approximate), atol=1e-12)
+    finite_difference_check(lambda t: ref.geglu(t, approximate), [x], {0: ref.geglu_backward(dy, x, approximate)}, dy)
+
+
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_reference_adamw_matches_scalar_formula(amsgrad):
     lr, b1, b2, eps, wd = 1e-2, 0.9, 0.99, 1e-8, 0.1
@@ -585,6 +592,16 @@ def test_softmax_matches_reference(kb, dtype, shape, data):
     y = ref.log_softmax(x, axis)
     assert_matches(kb.log_softmax(kb.put(x), axis), y, dtype)
     assert_matches(kb.log_softmax_backward(kb.put(dy), kb.put(y), axis), ref.log_softmax_backward(dy, y, axis), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(rows=st.integers(1, 70), half=st.integers(1, 1100), approximate=st.sampled_from(["none", "tanh"]))
+def test_geglu_matches_reference(kb, dtype, rows, half, approximate):
+    """Halves longer than one run of the activation (512) and more rows than parallel blocks (64)."""
+    assume(rows * half <= 20_000)
+    x, dy = randn(rows, 2 * half, dtype=dtype) * 3, randn(rows, half, dtype=dtype, seed=1)
+    assert_matches(kb.geglu(kb.put(x), approximate), ref.geglu(x, approximate), dtype)
+    assert_matches(kb.geglu_backward(kb.put(dy), kb.put(x), approximate), ref.geglu_backward(dy, x, approximate), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -673,27 +673,20 @@ def gelu(x, approximate="none"):
 class GEGLUFunction(Function):
     """y = a * gelu(b) for x = [a, b], the last dim split in halves (GEGLU, Shazeer 2020):
 
-        da = g * gelu(b),   db = gelu_backward(g * a, b)   (kernels.reference.gelu_backward)
+        da = g * gelu(b),   db = gelu_backward(g * a, b)   (kernels.reference.geglu_backward)
 
-    One node, and dx written half by half into one array: the two chunk nodes it replaces
-    each sent back a zero-filled gradient of x's full size, to be added together.
+    One node and one kernel each way (kernels.reference.geglu): the halves are read where
+    they lie in x, and dx is written half by half into one array. Only x is saved.
     """
 
     def forward(self, x, approximate):
-        half = x.shape[-1] // 2
-        a, b = x[..., :half], x[..., half:]
-        act = kernels.for_array(x).gelu(b, approximate)
-        self.save_for_backward(a, b, act)
+        self.save_for_backward(x)
         self.approximate = approximate
-        return a * act
+        return kernels.for_array(x).geglu(x, approximate)
 
     def backward(self, g):
-        a, b, act = self.saved
-        half = a.shape[-1]
-        dx = backend.array_module(g).empty(g.shape[:-1] + (2 * half,), g.dtype)
-        dx[..., :half] = g * act
-        dx[..., half:] = kernels.for_array(g).gelu_backward(g * a, b, self.approximate)
-        return dx
+        (x,) = self.saved
+        return kernels.for_array(g).geglu_backward(g, x, self.approximate)
 
 
 def geglu(x, approximate="none"):
