@@ -5,7 +5,8 @@
 
 Each row is one layer's three products, as its forward and backward take them: y = x W^T
 (x: M x K, W: N x K), dx = dy W, dW = dy^T x. `blocks` is kernels.blas.matmul (OpenBLAS's
-small-matrix kernels, block by block; it is np.matmul where those kernels are missing),
+small-matrix kernels, block by block; one sgemm call per product where those kernels are
+missing, np.matmul where NumPy's BLAS is not OpenBLAS),
 `numpy` np.matmul on the same OpenBLAS, `torch` the same products in PyTorch when it is
 installed (MKL on x86; a baseline only). One process, one thread each, interleaved rounds,
 medians; the ratios are the truth on a machine whose speed changes with the hour.
@@ -62,7 +63,8 @@ def main(argv=None):
     except ImportError:
         torch = None
     rng = np.random.default_rng(0)
-    print(f"small-matrix kernels: {'yes' if blas._SGEMM is not None else 'no (np.matmul everywhere)'}")
+    print(f"OpenBLAS's sgemm: {'found' if blas._SGEMM is not None else 'not found (np.matmul everywhere)'}; "
+          f"small-matrix kernels: {'yes' if blas._SMALL_KERNELS else 'no (one call per product)'}")
     print(f"{'layer':54s} {'M x K -> N':>16s} {'blocks ms':>10s} {'numpy ms':>9s} {'torch ms':>9s} "
           f"{'blocks/numpy':>12s} {'blocks/torch':>12s}")
     rows = []
@@ -90,7 +92,8 @@ def main(argv=None):
               f"{ms['blocks'] / ms['numpy']:12.2f} {ms['blocks'] / torch_ms:12.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"small_matrix_kernels": blas._SGEMM is not None, "rows": rows}, f, indent=1)
+            json.dump({"sgemm_found": blas._SGEMM is not None, "small_matrix_kernels": blas._SMALL_KERNELS,
+                       "rows": rows}, f, indent=1)
     return 0
 
 

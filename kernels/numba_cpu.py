@@ -11,7 +11,8 @@ Where the time goes on a CPU, and what this module does about it:
   images (Stable Diffusion's VAE decoder) go a band of output rows at a time.
   The products of convolutions and linear layers go through kernels/blas.py,
   which on one thread feeds OpenBLAS blocks small enough for its unpacked
-  small-matrix kernels (1.3-1.5x faster than np.matmul on these shapes).
+  small-matrix kernels (1.3-1.5x faster than np.matmul on these shapes); there
+  the whole loop over chunks runs compiled, calling OpenBLAS from Numba.
 * Attention never materialises the (B, Sq, Sk) probabilities: BLAS computes
   the scores of a chunk of batch items, a fused Numba pass turns them into
   exponentials in place, BLAS applies them; backward recomputes each chunk's
@@ -1476,12 +1477,13 @@ def _geglu(x, dy, approximate):
         if dy is None:
             return a * _gelu_erf_exact(b)
         return np.concatenate([_gelu_erf_exact(b) * dy, _gelu_erf_exact_backward(dy * a, b)], axis=-1)
-    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    rows = np.ascontiguousarray(x).reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (0, 2D) for an empty batch
     out = np.empty(x.shape[:-1] + ((half,) if dy is None else (2 * half,)), x.dtype)
-    flat_dy = rows if dy is None else np.ascontiguousarray(dy, x.dtype).reshape(-1, half)
+    flat_dy = rows if dy is None else np.ascontiguousarray(dy, x.dtype).reshape(rows.shape[0], half)
     blocks = max(1, min(_BLOCKS, rows.size // (2 * _ACTIVATION_RUN), rows.shape[0]))
-    _run(_geglu_rows, rows, flat_dy, out.reshape(rows.shape[0], -1), _exp_scratch(blocks, _ACTIVATION_RUN, x.dtype),
-         _GELU_TANH if approximate == "tanh" else _GELU_ERF, dy is not None)
+    kind = _GELU_TANH if approximate == "tanh" else _GELU_ERF
+    _run(_geglu_rows, rows, flat_dy, out.reshape(rows.shape[0], out.shape[-1]),
+         _exp_scratch(blocks, _ACTIVATION_RUN, x.dtype), kind, dy is not None)
     return out
 
 
