@@ -28,9 +28,10 @@ def _numba_uses_full_avx512_vectors():
         return
     try:
         import llvmlite.binding as llvm
-    except ImportError:
+
+        features = llvm.get_host_cpu_features()
+    except (ImportError, RuntimeError):  # no Numba, or LLVM cannot tell this CPU's features
         return
-    features = llvm.get_host_cpu_features()
     if features.get("avx512f"):
         os.environ["NUMBA_CPU_FEATURES"] = features.flatten() + ",-prefer-256-bit"
 
