@@ -289,13 +289,22 @@ class _ConvPlan:
 
 
 @njit(cache=True)
+def _chunk_view(buf, shape):
+    """The first prod(shape) elements of the flat work buffer `buf`, as an array of that shape."""
+    size = 1
+    for extent in shape:
+        size *= extent
+    return buf[:size].reshape(shape)
+
+
+@njit(cache=True)
 def _im2col_chunk(x, n0, nc, window, xpad_buf, cols_buf):
     """The im2col matrix (nc * HO * WO, C * KH * KW) of samples n0 .. n0 + nc of x, in cols_buf."""
     ph, pw, kh, kw, sh, sw, dh, dw, groups, ho, wo = window
     c, h, w = x.shape[1], x.shape[2], x.shape[3]
-    xpad = xpad_buf[: nc * (h + 2 * ph) * (w + 2 * pw) * c].reshape((nc, h + 2 * ph, w + 2 * pw, c))
+    xpad = _chunk_view(xpad_buf, (nc, h + 2 * ph, w + 2 * pw, c))
     _to_channels_last(x, n0, ph, pw, xpad)
-    cols = cols_buf[: nc * ho * wo * c * kh * kw].reshape((nc * ho * wo, c * kh * kw))
+    cols = _chunk_view(cols_buf, (nc * ho * wo, c * kh * kw))
     _im2col(xpad, kh, kw, sh, sw, dh, dw, groups, ho, wo, cols)
     return cols
 
@@ -305,7 +314,7 @@ def _output_matrix(dy, n0, nc, out_buf):
     """dy[n0 : n0 + nc] (N, O, HO, WO) as the (O, nc * HO * WO) matrix, in out_buf."""
     n, o = dy.shape[0], dy.shape[1]
     p = dy.shape[2] * dy.shape[3]
-    out = out_buf[: o * nc * p].reshape((o, nc, p))
+    out = _chunk_view(out_buf, (o, nc, p))
     _swap_samples_channels(dy.reshape((n, o, p)), n0, out, False)
     return out.reshape((o, nc * p))
 
@@ -361,7 +370,7 @@ def _conv2d_chunks(gemm, x, wmat_t, window, step, xpad_buf, cols_buf, out_buf, y
     for n0 in range(0, n, step):
         nc = min(step, n - n0)
         cols = _im2col_chunk(x, n0, nc, window, xpad_buf, cols_buf)
-        out = out_buf[: nc * ho * wo * o].reshape((nc, ho, wo, o))
+        out = _chunk_view(out_buf, (nc, ho, wo, o))
         out_matrix = out.reshape((nc * ho * wo, o))
         for g in range(groups):
             blas.product(gemm, cols[:, g * kg : (g + 1) * kg], False, wmat_t[:, g * og : (g + 1) * og],
@@ -449,11 +458,11 @@ def _conv2d_grad_input_chunks(gemm, dy, wmat, window, step, xpad_buf, cols_buf, 
     for n0 in range(0, n, step):
         nc = min(step, n - n0)
         dy_matrix = _output_matrix(dy, n0, nc, out_buf)
-        cols = cols_buf[: nc * ho * wo * kg * groups].reshape((nc * ho * wo, kg * groups))
+        cols = _chunk_view(cols_buf, (nc * ho * wo, kg * groups))
         for g in range(groups):
             blas.product(gemm, dy_matrix[g * og : (g + 1) * og], True, wmat[g * og : (g + 1) * og],
                          cols[:, g * kg : (g + 1) * kg], 0.0)
-        dxpad = xpad_buf[: nc * (h + 2 * ph) * (w + 2 * pw) * c].reshape((nc, h + 2 * ph, w + 2 * pw, c))
+        dxpad = _chunk_view(xpad_buf, (nc, h + 2 * ph, w + 2 * pw, c))
         _col2im(cols, kh, kw, sh, sw, dh, dw, groups, ho, wo, dxpad)
         _to_channels_first(dxpad, ph, pw, n0, dx)
 
