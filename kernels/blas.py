@@ -68,6 +68,7 @@ def _config(dll):
 # Float32 only: a Numba function called with a second ctypes function type (dgemm's) spent
 # ~0.1 ms on every call choosing its compilation; float64 (gradient checks) goes to np.matmul.
 _SGEMM, _SMALL_KERNELS = _openblas_sgemm()
+_NO_BIAS = np.empty(0, np.float32)  # the compiled products' "no bias" (sgemm: float32 only)
 
 
 @njit(cache=True)
@@ -78,9 +79,21 @@ def _leading(x):
 
 
 @njit(cache=True)
-def _gemm_in_blocks(gemm, a, trans_a, b, out, beta, rows, summed):
-    """out = op(a) @ b + beta * out, row-major, op(a) = a.T if trans_a else a, by blocks of
-    `rows` rows of out (summed == 0) or of `summed` terms of the sum (rows == 0)."""
+def add_to_rows(out, bias):
+    """out[i, :] += bias for every row i (nothing when bias is empty)."""
+    if bias.size == 0:
+        return
+    for i in range(out.shape[0]):
+        row = out[i]
+        for j in range(row.size):
+            row[j] += bias[j]
+
+
+@njit(cache=True)
+def _gemm_in_blocks(gemm, a, trans_a, b, out, beta, rows, summed, bias):
+    """out = op(a) @ b + beta * out (+ bias on every row), row-major, op(a) = a.T if trans_a else a,
+    by blocks of `rows` rows of out (summed == 0) or of `summed` terms of the sum (rows == 0).
+    By rows, each block gets its bias while it is still in the cache."""
     m, n = out.shape
     k = b.shape[0]
     lda, ldb, ldc = _leading(a), _leading(b), _leading(out)
@@ -91,27 +104,30 @@ def _gemm_in_blocks(gemm, a, trans_a, b, out, beta, rows, summed):
             block = a[:, i:] if trans_a else a[i:]  # rows i.. of op(a)
             gemm(_ROW_MAJOR, flag, _NO_TRANS, r, n, k, 1.0, block.ctypes, lda, b.ctypes, ldb, beta,
                  out[i:].ctypes, ldc)
+            add_to_rows(out[i : i + r], bias)
     else:
         for s in range(0, k, summed):
             r = min(summed, k - s)
             block = a[s:] if trans_a else a[:, s:]  # columns s.. of op(a)
             gemm(_ROW_MAJOR, flag, _NO_TRANS, m, n, r, 1.0, block.ctypes, lda, b[s:].ctypes, ldb,
                  beta if s == 0 else 1.0, out.ctypes, ldc)
+        add_to_rows(out, bias)
 
 
 @njit(cache=True)
-def _product_with(gemm, a, trans_a, b, out, beta, max_block, min_block):
-    """out = op(a) @ b + beta * out through `gemm`: in blocks of at most `max_block` multiply-adds
-    when they are at least `min_block` rows (or summed terms) tall, else in one call."""
+def _product_with(gemm, a, trans_a, b, out, beta, max_block, min_block, bias):
+    """out = op(a) @ b + beta * out (+ bias on every row; an empty bias adds nothing) through `gemm`:
+    in blocks of at most `max_block` multiply-adds when they are at least `min_block` rows (or summed
+    terms) tall, else in one call."""
     m, n = out.shape
     k = b.shape[0]
     rows, summed = max_block // (n * k) // 8 * 8, max_block // (m * n) // 8 * 8  # multiples of 8 ran faster
     if rows >= summed and rows >= min_block:
-        _gemm_in_blocks(gemm, a, trans_a, b, out, beta, rows, 0)
+        _gemm_in_blocks(gemm, a, trans_a, b, out, beta, rows, 0, bias)
     elif summed > rows and summed >= min_block:
-        _gemm_in_blocks(gemm, a, trans_a, b, out, beta, 0, summed)
+        _gemm_in_blocks(gemm, a, trans_a, b, out, beta, 0, summed, bias)
     else:
-        _gemm_in_blocks(gemm, a, trans_a, b, out, beta, m, 0)
+        _gemm_in_blocks(gemm, a, trans_a, b, out, beta, m, 0, bias)
 
 
 def product(gemm, a, trans_a, b, out, beta):
@@ -137,7 +153,7 @@ def _product_compiled(gemm, a, trans_a, b, out, beta):
     max_block, min_block = _block_limits()  # constants of the compiled code
 
     def compiled(gemm, a, trans_a, b, out, beta):
-        _product_with(gemm, a, trans_a, b, out, beta, max_block, min_block)
+        _product_with(gemm, a, trans_a, b, out, beta, max_block, min_block, _NO_BIAS)
 
     return compiled
 
@@ -155,13 +171,17 @@ def _rows_of_columns(x, dtype):
             and (x.shape[0] == 1 or x.strides[0] >= x.shape[1] * x.itemsize))
 
 
-def matmul(a, b, out, trans_a=False, accumulate=False):
-    """out = op(a) @ b (or out += op(a) @ b with accumulate), op(a) = a.T if trans_a else a, from Python.
+def matmul(a, b, out, trans_a=False, accumulate=False, bias=None):
+    """out = op(a) @ b (or out += op(a) @ b with accumulate), op(a) = a.T if trans_a else a, from Python;
+    bias (out's width) is added to every row (in the cache, block by block, where blocks are by rows).
 
     a, b, out: 2-D NumPy arrays of one float dtype; out must not overlap a or b.
     """
     gemm = gemm_for(out.dtype)
     if gemm is not None and all(_rows_of_columns(x, out.dtype) for x in (a, b, out)):
-        _product_with(gemm, a, trans_a, b, out, 1.0 if accumulate else 0.0, *_block_limits())
-    else:
-        product(None, a, trans_a, b, out, accumulate)
+        bias = _NO_BIAS if bias is None else np.ascontiguousarray(bias, out.dtype)
+        _product_with(gemm, a, trans_a, b, out, 1.0 if accumulate else 0.0, *_block_limits(), bias)
+        return
+    product(None, a, trans_a, b, out, accumulate)
+    if bias is not None:
+        out += bias

@@ -419,8 +419,8 @@ def _channels_first(dy, groups):
     return cp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(groups, o // groups, -1)
 
 
-def conv2d(x, w, stride, padding, dilation, groups):
-    """y[n, o] = sum over the group's channels and the window of x * w: im2col, then one GEMM per group."""
+def conv2d(x, w, stride, padding, dilation, groups, bias=None):
+    """y[n, o] = sum over the group's channels and the window of x * w (+ bias[o]): im2col, then one GEMM per group."""
     _check_float("conv2d", x, w)
     n = x.shape[0]
     o, cg, kh, kw = w.shape
@@ -430,7 +430,10 @@ def conv2d(x, w, stride, padding, dilation, groups):
     )
     col = _im2col(x, kh, kw, out_hw, stride, padding, dilation)
     y = _gemm(w.reshape(groups, o // groups, cg * kh * kw), col.reshape(groups, cg * kh * kw, -1))
-    return cp.ascontiguousarray(y.reshape(o, n, *out_hw).transpose(1, 0, 2, 3))
+    y = cp.ascontiguousarray(y.reshape(o, n, *out_hw).transpose(1, 0, 2, 3))
+    if bias is not None:
+        y += bias.reshape(1, -1, 1, 1)
+    return y
 
 
 def conv2d_grad_input(dy, w, x_shape, stride, padding, dilation, groups):

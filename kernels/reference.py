@@ -127,19 +127,19 @@ def _grouped_cols(x, w_shape, stride, padding, dilation, groups):
     return cols.reshape(n, groups, (c // groups) * kh * kw, ho * wo), (ho, wo)
 
 
-def conv2d(x, w, stride, padding, dilation, groups):
+def conv2d(x, w, stride, padding, dilation, groups, bias=None):
     """2-D cross-correlation (what deep learning calls convolution), zero padding.
 
-    y[n, o, a, b] = sum_{c in group(o), i, j} w[o, c, i, j] * xpad[n, c, a*sh + i*dh, b*sw + j*dw]
-    x (N, C, H, W), w (O, C/G, KH, KW) -> y (N, O, HO, WO). As a matrix product per
-    group g: Y_g (O/G, HO*WO) = W_g (O/G, C/G*KH*KW) @ cols_g (C/G*KH*KW, HO*WO).
+    y[n, o, a, b] = sum_{c in group(o), i, j} w[o, c, i, j] * xpad[n, c, a*sh + i*dh, b*sw + j*dw] (+ bias[o])
+    x (N, C, H, W), w (O, C/G, KH, KW), bias (O,) or None -> y (N, O, HO, WO). As a matrix
+    product per group g: Y_g (O/G, HO*WO) = W_g (O/G, C/G*KH*KW) @ cols_g (C/G*KH*KW, HO*WO).
     """
     xp = array_module(x)
     _check_conv("conv2d", x.shape, w.shape, groups)
     cols, (ho, wo) = _grouped_cols(x, w.shape, stride, padding, dilation, groups)
     wg = w.reshape(groups, w.shape[0] // groups, -1)
-    y = xp.matmul(wg[None], cols)  # (N, G, O/G, HO*WO)
-    return y.reshape(x.shape[0], w.shape[0], ho, wo)
+    y = xp.matmul(wg[None], cols).reshape(x.shape[0], w.shape[0], ho, wo)  # (N, G, O/G, HO*WO) as NCHW
+    return y if bias is None else y + bias.reshape(1, -1, 1, 1)
 
 
 def conv2d_grad_input(dy, w, x_shape, stride, padding, dilation, groups):

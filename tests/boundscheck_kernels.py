@@ -70,9 +70,11 @@ def conv_calls(rng, dtype=np.float64):
         args = stride, padding, dilation, groups
         y = ref.conv2d(x, w, *args)
         dy = randn(rng, *y.shape, dtype=dtype)
+        bias = randn(rng, w_shape[0], dtype=dtype)
         yield "conv2d", lambda m: m.conv2d(x, w, *args)
+        yield "conv2d with bias", lambda m: m.conv2d(x, w, *args, bias)
         yield "conv2d (bands of rows)", lambda m: small_budgets(m, "_CACHE_BYTES", "_BAND_BYTES")(
-            lambda: m.conv2d(x, w, *args))
+            lambda: m.conv2d(x, w, *args, bias))
         yield "conv2d_grad_input", lambda m: m.conv2d_grad_input(dy, w, x.shape, *args)
         yield "conv2d_grad_weight", lambda m: m.conv2d_grad_weight(dy, x, w.shape, *args)
         wt = randn(rng, w_shape[0], w_shape[1], *w_shape[2:], dtype=dtype)

@@ -86,11 +86,13 @@ def direct_conv2d(x, w, stride, padding, dilation, groups):
     return y
 
 
-@given(conv_configs())
-def test_reference_conv2d_matches_nested_loops(cfg):
+@given(conv_configs(), st.booleans())
+def test_reference_conv2d_matches_nested_loops(cfg, with_bias):
     x, w = randn(*cfg["x_shape"]), randn(*cfg["w_shape"], seed=1)
     args = cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"]
-    np.testing.assert_allclose(ref.conv2d(x, w, *args), direct_conv2d(x, w, *args), rtol=1e-12, atol=1e-12)
+    bias = randn(cfg["w_shape"][0], seed=2) if with_bias else None
+    expected = direct_conv2d(x, w, *args) + (0 if bias is None else bias[:, None, None])
+    np.testing.assert_allclose(ref.conv2d(x, w, *args, bias), expected, rtol=1e-12, atol=1e-12)
 
 
 @given(conv_configs())
@@ -401,12 +403,13 @@ def test_linear_matches_reference(kb, dtype, m, n_in, n_out, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@given(cfg=conv_configs(max_groups=2))
-def test_conv2d_matches_reference(kb, dtype, cfg):
+@given(cfg=conv_configs(max_groups=2), with_bias=st.booleans())
+def test_conv2d_matches_reference(kb, dtype, cfg, with_bias):
     x, w = randn(*cfg["x_shape"], dtype=dtype), randn(*cfg["w_shape"], dtype=dtype, seed=1)
     dy = randn(*conv_out(cfg), dtype=dtype, seed=2)
     args = cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"]
-    assert_matches(kb.conv2d(kb.put(x), kb.put(w), *args), ref.conv2d(x, w, *args), dtype)
+    bias = randn(cfg["w_shape"][0], dtype=dtype, seed=3) if with_bias else None
+    assert_matches(kb.conv2d(kb.put(x), kb.put(w), *args, kb.put(bias)), ref.conv2d(x, w, *args, bias), dtype)
     assert_matches(kb.conv2d_grad_input(kb.put(dy), kb.put(w), x.shape, *args),
                    ref.conv2d_grad_input(dy, w, x.shape, *args), dtype)
     assert_matches(kb.conv2d_grad_weight(kb.put(dy), kb.put(x), w.shape, *args),
@@ -415,23 +418,24 @@ def test_conv2d_matches_reference(kb, dtype, cfg):
 
 @pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
 @pytest.mark.parametrize("dtype", DTYPES)
-@given(cfg=conv_configs(max_groups=2), band_bytes=st.integers(0, 4000))
-def test_numba_conv2d_in_bands_of_rows_matches_reference(dtype, cfg, band_bytes):
+@given(cfg=conv_configs(max_groups=2), band_bytes=st.integers(0, 4000), with_bias=st.booleans())
+def test_numba_conv2d_in_bands_of_rows_matches_reference(dtype, cfg, band_bytes, with_bias):
     """Large images go a band of output rows at a time (channels-first im2col, BLAS writing into y):
     forced here on small ones by shrinking the cache and band budgets (0 bytes: bands of one row)."""
     numba_cpu = load("numba_cpu")
     x, w = randn(*cfg["x_shape"], dtype=dtype), randn(*cfg["w_shape"], dtype=dtype, seed=1)
     args = cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"]
+    bias = randn(cfg["w_shape"][0], dtype=dtype, seed=3) if with_bias else None
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(numba_cpu, "_CACHE_BYTES", band_bytes)
         patch.setattr(numba_cpu, "_BAND_BYTES", band_bytes)
         bands = []
         patch.setattr(numba_cpu, "_conv2d_in_bands", lambda *a, f=numba_cpu._conv2d_in_bands: bands.append(1) or f(*a))
-        got = numba_cpu.conv2d(x, w, *args)
+        got = numba_cpu.conv2d(x, w, *args, bias)
     _, _, ho, wo = conv_out(cfg)
     im2col_bytes = ho * wo * math.prod(cfg["w_shape"][2:]) * cfg["x_shape"][1] * np.dtype(dtype).itemsize
     assert bool(bands) == (im2col_bytes > band_bytes or cfg["x_shape"][1] == 1)
-    assert_matches(got, ref.conv2d(x, w, *args), dtype)
+    assert_matches(got, ref.conv2d(x, w, *args, bias), dtype)
 
 
 @pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
@@ -445,7 +449,7 @@ def test_numba_conv_chunk_loops_on_one_thread_match_reference(dtype, cfg, cache_
 
     numba_cpu, blas = load("numba_cpu"), load("blas")
     x, w = randn(*cfg["x_shape"], dtype=dtype), randn(*cfg["w_shape"], dtype=dtype, seed=1)
-    dy = randn(*conv_out(cfg), dtype=dtype, seed=2)
+    dy, bias = randn(*conv_out(cfg), dtype=dtype, seed=2), randn(cfg["w_shape"][0], dtype=dtype, seed=3)
     args = cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"]
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
@@ -455,11 +459,11 @@ def test_numba_conv_chunk_loops_on_one_thread_match_reference(dtype, cfg, cache_
             _, _, ho, wo = conv_out(cfg)  # a budget of at least one sample's im2col matrix: not the bands path
             im2col_bytes = ho * wo * cfg["x_shape"][1] * math.prod(cfg["w_shape"][2:]) * np.dtype(dtype).itemsize
             patch.setattr(numba_cpu, "_CACHE_BYTES", im2col_bytes * cache_scale)
-            got = (numba_cpu.conv2d(x, w, *args), numba_cpu.conv2d_grad_input(dy, w, x.shape, *args),
-                   numba_cpu.conv2d_grad_weight(dy, x, w.shape, *args))
+            got = (numba_cpu.conv2d(x, w, *args), numba_cpu.conv2d(x, w, *args, bias),
+                   numba_cpu.conv2d_grad_input(dy, w, x.shape, *args), numba_cpu.conv2d_grad_weight(dy, x, w.shape, *args))
     finally:
         numba.set_num_threads(threads)
-    expected = (ref.conv2d(x, w, *args), ref.conv2d_grad_input(dy, w, x.shape, *args),
+    expected = (ref.conv2d(x, w, *args), ref.conv2d(x, w, *args, bias), ref.conv2d_grad_input(dy, w, x.shape, *args),
                 ref.conv2d_grad_weight(dy, x, w.shape, *args))
     for g, e in zip(got, expected):
         assert_matches(g, e, dtype)
@@ -689,14 +693,16 @@ def test_numba_attention_in_bands_of_queries_matches_reference(monkeypatch, dtyp
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(m=st.integers(1, 60), n=st.integers(1, 9), k=st.integers(1, 60), trans_a=st.booleans(),
        accumulate=st.booleans(), offsets=st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3)),
-       block=st.integers(1, 400))
-def test_blas_matmul_in_blocks_matches_numpy(dtype, m, n, k, trans_a, accumulate, offsets, block):
-    """kernels.blas.matmul: out (=|+=) op(a) @ b by blocks of rows or of the sum, on views whose rows are
-    strided (column offsets into wider arrays). Block limits shrunk so small shapes split into many blocks;
-    on a CPU without OpenBLAS's small-matrix kernels (or in float64) it is np.matmul, checked the same way."""
+       block=st.integers(1, 400), with_bias=st.booleans())
+def test_blas_matmul_in_blocks_matches_numpy(dtype, m, n, k, trans_a, accumulate, offsets, block, with_bias):
+    """kernels.blas.matmul: out (=|+=) op(a) @ b (+ bias on every row) by blocks of rows or of the sum, on
+    views whose rows are strided (column offsets into wider arrays). Block limits shrunk so small shapes
+    split into many blocks; on a CPU without OpenBLAS's small-matrix kernels (or in float64) it is
+    np.matmul, checked the same way."""
     wide = lambda rows, cols, off, seed: randn(rows, cols + off, dtype=dtype, seed=seed)[:, off:]  # noqa: E731
     a = wide(k, m, offsets[0], 0) if trans_a else wide(m, k, offsets[0], 0)
-    _check_blas_matmul(a, wide(k, n, offsets[1], 1), wide(m, n, offsets[2], 2), trans_a, accumulate, block)
+    bias = randn(n, dtype=dtype, seed=3) if with_bias else None
+    _check_blas_matmul(a, wide(k, n, offsets[1], 1), wide(m, n, offsets[2], 2), trans_a, accumulate, block, bias)
 
 
 @pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
@@ -714,13 +720,13 @@ def test_blas_matmul_takes_single_rows_with_any_stride(which, trans_a):
     _check_blas_matmul(arrays["a"], arrays["b"], arrays["out"], trans_a, False, 10**6)
 
 
-def _check_blas_matmul(a, b, out, trans_a, accumulate, block):
+def _check_blas_matmul(a, b, out, trans_a, accumulate, block, bias=None):
     """blas.matmul against NumPy, with blocks of at most `block` multiply-adds (as if this CPU had
     OpenBLAS's small-matrix kernels: the blocking is right or wrong on any OpenBLAS)."""
     import numba
 
     blas = load("blas")
-    expected = (a.T if trans_a else a) @ b + (out if accumulate else 0)
+    expected = (a.T if trans_a else a) @ b + (out if accumulate else 0) + (0 if bias is None else bias)
     through_openblas = []
     threads = numba.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
@@ -730,7 +736,7 @@ def _check_blas_matmul(a, b, out, trans_a, accumulate, block):
         patch.setattr(blas, "_product_with", lambda *args, f=blas._product_with: through_openblas.append(1) or f(*args))
         numba.set_num_threads(1)
         try:
-            blas.matmul(a, b, out, trans_a=trans_a, accumulate=accumulate)
+            blas.matmul(a, b, out, trans_a=trans_a, accumulate=accumulate, bias=bias)
         finally:
             numba.set_num_threads(threads)
     assert bool(through_openblas) == (blas._SGEMM is not None and out.dtype == np.float32)

@@ -191,8 +191,7 @@ class Conv2dFunction(Function):
     def forward(self, x, w, *bias, stride, padding, dilation, groups):
         self.save_for_backward(x, w)
         self.geometry = (stride, padding, dilation, groups)
-        y = kernels.for_array(x).conv2d(x, w, stride, padding, dilation, groups)
-        return _add_channel_bias(y, bias)
+        return kernels.for_array(x).conv2d(x, w, stride, padding, dilation, groups, *bias)
 
     def backward(self, g):
         x, w = self.saved
