@@ -864,3 +864,40 @@ def test_numba_gets_full_width_avx512_vectors_unless_the_environment_says_otherw
         assert features.endswith(",-prefer-256-bit") and "+avx512f" in features
     else:
         assert features in ("", "None")
+
+
+_FAULTS_OF_ALLOCATIONS = """
+import resource, sys
+import numpy as np
+import tinysd
+def faults_of_a_round():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    arrays = [np.ones(1 << 20, np.float32) for _ in range(10)]  # 10 x 4 MiB, written, then all freed
+    del arrays
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_round()
+print(sum(faults_of_a_round() for _ in range(5)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and Linux's fault counts")
+def test_freed_arrays_memory_is_reused_without_page_faults():
+    """tinysd keeps glibc from handing freed arrays' memory back (tinysd._reuse_freed_memory): allocating
+    the same 40 MiB of arrays again takes no fresh pages. TINYSD_REUSE_FREED_MEMORY=0 keeps glibc's
+    defaults, which trim those pages and fault them in anew each round (about 10,000 faults here)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        pytest.skip("no glibc")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def faults(setting):
+        done = subprocess.run([sys.executable, "-c", _FAULTS_OF_ALLOCATIONS], capture_output=True, text=True,
+                              env={**env, "TINYSD_REUSE_FREED_MEMORY": setting}, check=True)
+        return int(done.stdout.split()[-1])
+
+    reused, default = faults("1"), faults("0")
+    assert default > 5 * 1000, default  # 5 rounds of 40 MiB: at least 5,000 fresh 4 KiB pages
+    assert reused < default / 20, (reused, default)

@@ -38,6 +38,36 @@ def _numba_uses_full_avx512_vectors():
 
 _numba_uses_full_avx512_vectors()
 
+
+def _reuse_freed_memory():
+    """Let glibc's malloc keep freed arrays' memory for the next ones, instead of handing it back to
+    the system and taking fresh pages, each zeroed by the kernel on first touch (a page fault).
+
+    A training step frees and allocates hundreds of arrays of 0.1-30 MB. By default glibc maps
+    large ones separately and trims the top of its heap once more than a few MB there are free:
+    the VAE's training step took 2,500 page faults (10 MB of fresh pages) each time, the UNet's
+    more. With arrays up to 32 MiB kept in the heap (M_MMAP_THRESHOLD) and the heap not trimmed
+    below 1 GiB of free memory (M_TRIM_THRESHOLD): 7 faults a step, VAE and UNet steps 3-7%
+    faster, the same peak resident memory (PyTorch's allocators keep freed memory too).
+    Not done where the environment sets MALLOC_* options, where TINYSD_REUSE_FREED_MEMORY=0,
+    or without glibc. The threshold first, since a trim threshold alone would stop glibc from
+    raising its mmap threshold by itself and map every array above 128 KiB afresh.
+    """
+    if os.environ.get("TINYSD_REUSE_FREED_MEMORY", "1") == "0" or any(k.startswith("MALLOC_") for k in os.environ):
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    if mallopt(m_mmap_threshold, 32 << 20):
+        mallopt(m_trim_threshold, 1 << 30)
+
+
+_reuse_freed_memory()
+
 import numpy as np  # noqa: E402
 
 from . import backend, ops
