@@ -460,7 +460,8 @@ def test_numba_conv_chunk_loops_on_one_thread_match_reference(dtype, cfg, cache_
             im2col_bytes = ho * wo * cfg["x_shape"][1] * math.prod(cfg["w_shape"][2:]) * np.dtype(dtype).itemsize
             patch.setattr(numba_cpu, "_CACHE_BYTES", im2col_bytes * cache_scale)
             got = (numba_cpu.conv2d(x, w, *args), numba_cpu.conv2d(x, w, *args, bias),
-                   numba_cpu.conv2d_grad_input(dy, w, x.shape, *args), numba_cpu.conv2d_grad_weight(dy, x, w.shape, *args))
+                   numba_cpu.conv2d_grad_input(dy, w, x.shape, *args),
+                   numba_cpu.conv2d_grad_weight(dy, x, w.shape, *args))
     finally:
         numba.set_num_threads(threads)
     expected = (ref.conv2d(x, w, *args), ref.conv2d(x, w, *args, bias), ref.conv2d_grad_input(dy, w, x.shape, *args),

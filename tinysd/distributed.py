@@ -338,8 +338,19 @@ def _abort(what):
         f"\ntinysd.distributed: rank {rank()} of {world_size()} waited {_timeout_s:g} s for the {what}; "
         "another rank has died, hangs, or runs different code. Aborting every rank.\n"
     )
+    _abort_all()
+
+
+def _abort_all():
+    """MPI Abort, once this rank's last words have had time to reach the terminal: mpiexec (MPICH's
+    launcher) forwards each rank's output through pipes and, when a rank aborts, tears everything
+    down, at times before it has relayed what was just written (about one run in six here)."""
     sys.stderr.flush()
+    time.sleep(_LAST_WORDS_S)
     _comm.Abort(1)
+
+
+_LAST_WORDS_S = 0.5
 
 
 def _abort_on_uncaught(kind, value, traceback):
@@ -348,5 +359,4 @@ def _abort_on_uncaught(kind, value, traceback):
     else:
         sys.__excepthook__(kind, value, traceback)
         sys.stderr.write(f"tinysd.distributed: rank {rank()} failed; aborting every rank.\n")
-    sys.stderr.flush()
-    _comm.Abort(1)
+    _abort_all()
