@@ -47,8 +47,8 @@ def _reuse_freed_memory():
     large ones separately and trims the top of its heap once more than a few MB there are free:
     the VAE's training step took 2,500 page faults (10 MB of fresh pages) each time, the UNet's
     more. With arrays up to 32 MiB kept in the heap (M_MMAP_THRESHOLD) and the heap not trimmed
-    below 1 GiB of free memory (M_TRIM_THRESHOLD): 7 faults a step, VAE and UNet steps 3-7%
-    faster, the same peak resident memory (PyTorch's allocators keep freed memory too).
+    below 1 GiB of free memory (M_TRIM_THRESHOLD): 6 and 36 faults a step, VAE 2-7% and UNet 3-8%
+    faster, the same peak resident memory.
     Not done where the environment sets MALLOC_* options, where TINYSD_REUSE_FREED_MEMORY=0,
     or without glibc. The threshold first, since a trim threshold alone would stop glibc from
     raising its mmap threshold by itself and map every array above 128 KiB afresh.
