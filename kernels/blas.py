@@ -171,6 +171,12 @@ def _rows_of_columns(x, dtype):
             and (x.shape[0] == 1 or x.strides[0] >= x.shape[1] * x.itemsize))
 
 
+def row_bias(bias, dtype):
+    """The bias to add to every row of a product, as `add_to_rows` takes it: a contiguous array of
+    `dtype`, or an empty one for no bias (one compiled signature for both)."""
+    return np.empty(0, dtype) if bias is None else np.ascontiguousarray(bias, dtype)
+
+
 def matmul(a, b, out, trans_a=False, accumulate=False, bias=None):
     """out = op(a) @ b (or out += op(a) @ b with accumulate), op(a) = a.T if trans_a else a, from Python;
     bias (out's width) is added to every row (in the cache, block by block, where blocks are by rows).
@@ -179,8 +185,7 @@ def matmul(a, b, out, trans_a=False, accumulate=False, bias=None):
     """
     gemm = gemm_for(out.dtype)
     if gemm is not None and all(_rows_of_columns(x, out.dtype) for x in (a, b, out)):
-        bias = _NO_BIAS if bias is None else np.ascontiguousarray(bias, out.dtype)
-        _product_with(gemm, a, trans_a, b, out, 1.0 if accumulate else 0.0, *_block_limits(), bias)
+        _product_with(gemm, a, trans_a, b, out, 1.0 if accumulate else 0.0, *_block_limits(), row_bias(bias, out.dtype))
         return
     product(None, a, trans_a, b, out, accumulate)
     if bias is not None:

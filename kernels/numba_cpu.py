@@ -355,9 +355,8 @@ def conv2d(x, w, stride, padding, dilation, groups, bias=None):
     if plan.p * plan.k * x.dtype.itemsize > _CACHE_BYTES or plan.c == 1:
         return _conv2d_in_bands(x, w, plan, bias)
     wmat_t = np.ascontiguousarray(_weight_matrix(w, x.dtype).T)  # (KH * KW * C/G, O)
-    bias = np.zeros(0, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)  # empty: none
     y = np.empty((plan.n, plan.o, plan.ho, plan.wo), x.dtype)
-    _conv2d_chunks(blas.gemm_for(x.dtype), x, wmat_t, bias, plan.window(), plan.step, *plan.buffers(), y)
+    _conv2d_chunks(blas.gemm_for(x.dtype), x, wmat_t, blas.row_bias(bias, x.dtype), plan.window(), plan.step, *plan.buffers(), y)
     return y
 
 

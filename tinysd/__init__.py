@@ -39,6 +39,16 @@ def _numba_uses_full_avx512_vectors():
 _numba_uses_full_avx512_vectors()
 
 
+def _glibc_mallopt():
+    """glibc's mallopt, or None where the C library is not glibc."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
 def _reuse_freed_memory():
     """Let glibc's malloc keep freed arrays' memory for the next ones, instead of handing it back to
     the system and taking fresh pages, each zeroed by the kernel on first touch (a page fault).
@@ -55,11 +65,8 @@ def _reuse_freed_memory():
     """
     if os.environ.get("TINYSD_REUSE_FREED_MEMORY", "1") == "0" or any(k.startswith("MALLOC_") for k in os.environ):
         return
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
     if mallopt(m_mmap_threshold, 32 << 20):
