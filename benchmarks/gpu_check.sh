@@ -16,6 +16,8 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 WORKERS=${WORKERS:-8}
+PARALLEL=()  # pytest-xdist, where installed, spreads the test cases over processes (one CUDA context each)
+$PY -c "import xdist" 2>/dev/null && PARALLEL=(-n "$WORKERS")
 
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -31,11 +33,11 @@ timeout "${QUICK_S:-120}" $PY examples/mnist_digits.py --device cuda --quick --o
 echo "quick main job: exit ${PIPESTATUS[0]}, $(( $(date +%s) - t0 )) s" >> "$OUT/quick.log"
 
 t0=$(date +%s)
-timeout "${TESTS_S:-200}" $PY -m pytest -q -rs -p no:cacheprovider -n "$WORKERS" -k "cuda or cupy" tests \
+timeout "${TESTS_S:-200}" $PY -m pytest -q -rs -p no:cacheprovider "${PARALLEL[@]}" -k "cuda or cupy" tests \
     > "$OUT/tests.log" 2>&1
 echo "tests: exit $?, $(( $(date +%s) - t0 )) s" >> "$OUT/tests.log"
 
 t0=$(date +%s)
-timeout "${BENCH_S:-100}" $PY benchmarks/bench_ops.py --device cuda --repeat 10 --json "$OUT/bench_ops_cuda.json" \
+timeout "${BENCH_S:-100}" $PY benchmarks/bench_ops.py --device cuda --repeat 10 --no-memory --json "$OUT/bench_ops_cuda.json" \
     > "$OUT/bench_ops.log" 2>&1
 echo "bench_ops: exit $?, $(( $(date +%s) - t0 )) s" >> "$OUT/bench_ops.log"
