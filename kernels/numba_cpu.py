@@ -1339,8 +1339,9 @@ _ACTIVATION_RUN = 512  # elements per pass: the scratch rows stay in L1
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _sigmoid_gate_run(kind, backward, x, dy, out, e, bits):
-    """silu or gelu_tanh of one run: out = x s, or dy * d(x s)/dx, with s = sigmoid(x) or sigmoid(2u)."""
+def _sigmoid_gate_run(kind, backward, x, dy, out, e, bits, value):
+    """silu or gelu_tanh of one run: out = x s, or dy * d(x s)/dx, with s = sigmoid(x) or sigmoid(2u)
+    (and x s into `value` too, unless it is empty)."""
     t = x.dtype.type
     highest = t(88.0) if bits.itemsize == 4 else t(709.0)  # _exp_into's range; s ~ 0 beyond it anyway
     slope = t(1.0) if kind == _SILU else t(0.0)  # the gate's argument: x (silu), 2u (gelu_tanh)
@@ -1356,13 +1357,16 @@ def _sigmoid_gate_run(kind, backward, x, dy, out, e, bits):
         if backward:  # d/dx [x sigmoid(a(x))] = s + x s (1 - s) a'(x)
             da = slope + cubic * t(2.0 * _SQRT_2_OVER_PI) * (t(1.0) + t(3.0 * _TANH_C) * v * v)
             out[j] = dy[j] * (s + v * s * (t(1.0) - s) * da)
+            if value.size:
+                value[j] = v * s
         else:
             out[j] = v * s
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _gelu_erf_run(backward, x, dy, out, e, bits):
-    """gelu (erf) of one run in float32: out = x Phi(x), or dy (Phi(x) + x phi(x))."""
+def _gelu_erf_run(backward, x, dy, out, e, bits, value):
+    """gelu (erf) of one run in float32: out = x Phi(x), or dy (Phi(x) + x phi(x)) (and x Phi(x) into
+    `value` too, unless it is empty)."""
     t = x.dtype.type
     for j in range(x.size):
         z = abs(x[j]) * t(_INV_SQRT_2)
@@ -1383,55 +1387,70 @@ def _gelu_erf_run(backward, x, dy, out, e, bits):
             e[j] = t(-0.5) * x[j] * x[j]
         _exp_into(e, 0.0, e, x.size, bits)
         for j in range(x.size):
+            if value.size:
+                value[j] = x[j] * out[j]
             out[j] = dy[j] * (out[j] + x[j] * e[j] * t(_INV_SQRT_2PI))
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _activation_run(kind, backward, x, dy, out, e, bits):
-    """out = act(x), or dy * act'(x) when backward, over one run (e: a scratch run)."""
+def _activation_run(kind, backward, x, dy, out, e, bits, value):
+    """out = act(x), or dy * act'(x) when backward, over one run (e: a scratch run; a backward run also
+    writes act(x) into `value` unless it is empty)."""
     if kind == _GELU_ERF:
-        _gelu_erf_run(backward, x, dy, out, e, bits)
+        _gelu_erf_run(backward, x, dy, out, e, bits, value)
     else:
-        _sigmoid_gate_run(kind, backward, x, dy, out, e, bits)
+        _sigmoid_gate_run(kind, backward, x, dy, out, e, bits, value)
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
-def _activation(x, dy, out, bits, kind, backward):
-    """One activation over flat x (dy: x's size, x itself when not backward), in parallel blocks of runs."""
-    blocks, size = bits.shape[0], x.size
-    for block in prange(blocks):
-        e = np.empty(_ACTIVATION_RUN, x.dtype)
-        first, last = _block_rows(block, blocks, size)
-        for start in range(first, last, _ACTIVATION_RUN):
-            stop = min(start + _ACTIVATION_RUN, last)
-            _activation_run(kind, backward, x[start:stop], dy[start:stop], out[start:stop], e, bits[block])
+def _activation_kernels(kind):
+    """The two parallel kernels of one activation `kind`, compiled for it alone.
+
+    `kind` is a constant of the closure, so Numba drops the other activations' code before it
+    compiles: with `kind` an argument, every kernel carried all three activations inlined, and
+    the GEGLU kernel alone took 19 s to compile (6 s now)."""
+
+    @njit(parallel=True, cache=True, fastmath=_FAST)
+    def activation(x, dy, out, bits, backward):
+        """The activation over flat x (dy: x's size, x itself when not backward), in parallel blocks of runs."""
+        blocks, size = bits.shape[0], x.size
+        for block in prange(blocks):
+            e = np.empty(_ACTIVATION_RUN, x.dtype)
+            first, last = _block_rows(block, blocks, size)
+            for start in range(first, last, _ACTIVATION_RUN):
+                stop = min(start + _ACTIVATION_RUN, last)
+                _activation_run(kind, backward, x[start:stop], dy[start:stop], out[start:stop], e, bits[block],
+                                e[:0])
+
+    @njit(parallel=True, cache=True, fastmath=_FAST)
+    def geglu_rows(x, dy, out, bits, backward):
+        """GEGLU over rows x (M, 2D) = [a, b]: out (M, D) = a * act(b); or, when backward, out (M, 2D) =
+        [dy act(b), dy a act'(b)]. Each run of b goes through the activation in L1, next to its a and dy."""
+        blocks, rows, half = bits.shape[0], x.shape[0], x.shape[1] // 2
+        for block in prange(blocks):
+            e, value, scaled = np.empty((3, _ACTIVATION_RUN), x.dtype)
+            first, last = _block_rows(block, blocks, rows)
+            for r in range(first, last):
+                for start in range(0, half, _ACTIVATION_RUN):
+                    stop = min(start + _ACTIVATION_RUN, half)
+                    a, b, n = x[r, start:stop], x[r, half + start : half + stop], stop - start
+                    if backward:
+                        g, da = dy[r, start:stop], out[r, start:stop]
+                        for j in range(n):
+                            scaled[j] = g[j] * a[j]
+                        _activation_run(kind, True, b, scaled[:n], out[r, half + start : half + stop], e,
+                                        bits[block], value[:n])
+                        for j in range(n):
+                            da[j] = g[j] * value[j]
+                    else:
+                        y = out[r, start:stop]
+                        _activation_run(kind, False, b, b, y, e, bits[block], e[:0])
+                        for j in range(n):
+                            y[j] *= a[j]
+
+    return activation, geglu_rows
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST)
-def _geglu_rows(x, dy, out, bits, kind, backward):
-    """GEGLU over rows x (M, 2D) = [a, b]: out (M, D) = a * act(b); or, when backward, out (M, 2D) =
-    [dy act(b), dy a act'(b)]. Each run of b goes through the activation in L1, next to its a and dy."""
-    blocks, rows, half = bits.shape[0], x.shape[0], x.shape[1] // 2
-    for block in prange(blocks):
-        e, value, scaled = np.empty((3, _ACTIVATION_RUN), x.dtype)
-        first, last = _block_rows(block, blocks, rows)
-        for r in range(first, last):
-            for start in range(0, half, _ACTIVATION_RUN):
-                stop = min(start + _ACTIVATION_RUN, half)
-                a, b, n = x[r, start:stop], x[r, half + start : half + stop], stop - start
-                if backward:
-                    g, da = dy[r, start:stop], out[r, start:stop]
-                    for j in range(n):
-                        scaled[j] = g[j] * a[j]
-                    _activation_run(kind, True, b, scaled[:n], out[r, half + start : half + stop], e, bits[block])
-                    _activation_run(kind, False, b, b, value[:n], e, bits[block])
-                    for j in range(n):
-                        da[j] = g[j] * value[j]
-                else:
-                    y = out[r, start:stop]
-                    _activation_run(kind, False, b, b, y, e, bits[block])
-                    for j in range(n):
-                        y[j] *= a[j]
+_ACTIVATION_KERNELS = {kind: _activation_kernels(kind) for kind in (_SILU, _GELU_TANH, _GELU_ERF)}
 
 
 def _activate(kind, x, dy=None):
@@ -1439,8 +1458,8 @@ def _activate(kind, x, dy=None):
     out = np.empty_like(x)
     flat_dy = x.reshape(-1) if dy is None else np.ascontiguousarray(dy, x.dtype).reshape(-1)
     blocks = max(1, min(_BLOCKS, x.size // _ACTIVATION_RUN))
-    _run(_activation, x.reshape(-1), flat_dy, out.reshape(-1), _exp_scratch(blocks, _ACTIVATION_RUN, x.dtype),
-         kind, dy is not None)
+    _run(_ACTIVATION_KERNELS[kind][0], x.reshape(-1), flat_dy, out.reshape(-1),
+         _exp_scratch(blocks, _ACTIVATION_RUN, x.dtype), dy is not None)
     return out
 
 
@@ -1501,8 +1520,8 @@ def _geglu(x, dy, approximate):
     flat_dy = rows if dy is None else np.ascontiguousarray(dy, x.dtype).reshape(rows.shape[0], half)
     blocks = max(1, min(_BLOCKS, rows.size // (2 * _ACTIVATION_RUN), rows.shape[0]))
     kind = _GELU_TANH if approximate == "tanh" else _GELU_ERF
-    _run(_geglu_rows, rows, flat_dy, out.reshape(rows.shape[0], out.shape[-1]),
-         _exp_scratch(blocks, _ACTIVATION_RUN, x.dtype), kind, dy is not None)
+    _run(_ACTIVATION_KERNELS[kind][1], rows, flat_dy, out.reshape(rows.shape[0], out.shape[-1]),
+         _exp_scratch(blocks, _ACTIVATION_RUN, x.dtype), dy is not None)
     return out
 
 
