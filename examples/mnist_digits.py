@@ -368,6 +368,55 @@ def evaluate_in_batches(fn, images, batch=500):
         return np.concatenate([fn(images[i : i + batch]) for i in range(0, len(images), batch)])
 
 
+# ---- Numba's first compilation, shared out among the ranks ---------------------------------------
+def compile_kernels_once(run, tokenizer):
+    """Numba compiles each kernel the first time it runs (about 45 s of one core for this job, in a
+    fresh clone) and keeps it in its on-disk cache. Data parallel, every rank would compile every
+    kernel at the same moment; instead each rank first takes a training step (forward, backward,
+    AdamW) of its share of the models, on random data of the shapes training will use, and the ranks
+    then find each other's kernels in the cache. With a warm cache this takes about a second."""
+    ranks = distributed.world_size()
+    if run.device != "cpu" or ranks == 1:
+        return
+    rng = np.random.default_rng(0)
+    batch = {name: max(1, run.budget[name]["batch"] // ranks) for name in STAGES}
+
+    def images(n):
+        return run.tensor(rng.uniform(-1, 1, (n, 1, 32, 32)).astype(np.float32))
+
+    def classifier():
+        n, model = batch["classifier"], DigitClassifier().to(run.device)
+        return model, F.cross_entropy(model(images(n)), run.tensor(rng.integers(0, 10, n)))
+
+    def vae():
+        model, x = AutoencoderKL().to(run.device), images(batch["vae"])
+        posterior = model.encode(x)
+        return model, F.mse_loss(model.decode(posterior.sample()), x) + posterior.kl().mean()
+
+    def clip():
+        n = batch["clip"]
+        model = CLIPModel(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length).to(run.device)
+        ids = tokenizer([digit_prompt(d) for d in rng.integers(0, 10, n)])
+        return model, model(run.tensor(ids), images(n), positives=np.eye(n, dtype=bool))
+
+    def unet():
+        n, latents = batch["unet"], AutoencoderKL()
+        width = CLIPModel(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length).text_model.width
+        size = 32 // latents.downscale_factor
+        noisy = rng.standard_normal((n, latents.latent_channels, size, size)).astype(np.float32)
+        states = rng.standard_normal((n, tokenizer.context_length, width)).astype(np.float32)
+        model = UNet2DConditionModel(cross_attention_dim=width).to(run.device)
+        pred = model(run.tensor(noisy), run.tensor(rng.integers(0, 1000, n)), run.tensor(states))
+        return model, F.mse_loss(pred, run.tensor(noisy))
+
+    # the UNet's kernels take about as long as the other three models' together
+    for step in [unet, classifier, vae, clip][distributed.rank() :: ranks]:
+        model, loss = step()
+        loss.backward()
+        optim.AdamW(model.parameters()).step()
+    distributed.barrier("kernels compiled")
+
+
 # ---- stage 1: the classifier (the magic function) ----------------------------------------------
 def stage_classifier(run):
     run.begin("classifier")
@@ -657,6 +706,7 @@ def main(argv=None):
         "training images": run.train_images, "training labels": run.train_labels,
     }, "the run")
     tokenizer = Tokenizer()
+    compile_kernels_once(run, tokenizer)
     classifier = stage_classifier(run)
     vae = stage_vae(run, classifier)
     clip = stage_clip(run, tokenizer)

@@ -1,6 +1,8 @@
 """The main job's smoke run: `examples/mnist_digits.py --quick` writes every output, well-formed."""
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,6 +76,49 @@ def test_second_run_skips_finished_stages(quick_run, capsys, monkeypatch):
                                                r"this run has 0.0(.|\n)*--retrain vae"):
         example.main(["--quick", "--out", str(out), "--samples-per-digit", "1", "--steps", "2"])
     assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+
+
+_WARM_UP_CHILD = """
+import json, sys
+from numba.core.dispatcher import Dispatcher
+sys.path.insert(0, sys.argv[2])
+from helpers import load_script
+
+loaded = []  # every kernel signature this process compiles or loads from Numba's cache, in order
+add_overload = Dispatcher.add_overload
+Dispatcher.add_overload = lambda self, cres: (loaded.append(f"{self.py_func.__qualname__}{cres.signature}"),
+                                              add_overload(self, cres))[1]
+example = load_script("examples/mnist_digits.py")
+run = example.Run(example.parse_args(["--quick", "--out", sys.argv[1]]))
+example.distributed.world_size = lambda: 2
+example.distributed.barrier = lambda what: None
+for rank in (0, 1):  # both ranks' shares, one after the other
+    example.distributed.rank = lambda: rank
+    example.compile_kernels_once(run, example.Tokenizer())
+warm_up = len(loaded)
+example.distributed.world_size, example.distributed.rank = (lambda: 1), (lambda: 0)
+example.main(["--quick", "--out", sys.argv[1], "--ranks", "1", "--samples-per-digit", "1", "--steps", "2"])
+print(json.dumps({"warm_up": loaded[:warm_up], "later": loaded[warm_up:]}))
+"""
+
+
+def test_the_ranks_warm_up_needs_every_kernel_the_job_does(tmp_path):
+    """compile_kernels_once: the ranks' shares of the warm-up, together, reach every kernel signature the
+    whole job (four stages, sampling, scoring) uses, so no rank compiles while training. Run in a fresh
+    process: in this one, earlier tests have already loaded most kernels."""
+    pytest.importorskip("numba")
+    from tinysd import data
+
+    try:
+        data.load_mnist("test")
+    except RuntimeError as e:
+        pytest.skip(f"MNIST is not available: {e}")
+    done = subprocess.run([sys.executable, "-c", _WARM_UP_CHILD, str(tmp_path), str(ROOT / "tests")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(kernels["warm_up"]) >= 20 and any("geglu" in k for k in kernels["warm_up"])  # 28 from the cache
+    assert kernels["later"] == []
 
 
 def test_busy_cores_sees_a_spinning_process():
