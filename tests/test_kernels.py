@@ -886,16 +886,18 @@ def test_freed_arrays_memory_is_reused_without_page_faults():
     """tinysd keeps glibc from handing freed arrays' memory back (tinysd._reuse_freed_memory): allocating
     the same 40 MiB of arrays again takes no fresh pages. TINYSD_REUSE_FREED_MEMORY=0 keeps glibc's
     defaults, which trim those pages and fault them in anew each round (about 28,000 faults in the 5
-    rounds here)."""
+    rounds here), and so does any malloc setting of the user's own (here a glibc.malloc tunable)."""
     if tinysd._glibc_mallopt() is None:
         pytest.skip("no glibc")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
 
-    def faults(setting):
+    def faults(setting, **more):
         done = subprocess.run([sys.executable, "-c", _FAULTS_OF_ALLOCATIONS], capture_output=True, text=True,
-                              env={**env, "TINYSD_REUSE_FREED_MEMORY": setting}, check=True)
+                              env={**env, "TINYSD_REUSE_FREED_MEMORY": setting, **more}, check=True)
         return int(done.stdout.split()[-1])
 
     reused, default = faults("1"), faults("0")
+    users_own = faults("1", GLIBC_TUNABLES="glibc.malloc.tcache_count=7")  # glibc's default count: no change
     assert default > 5 * 1000, default  # 5 rounds of 40 MiB: at least 5,000 fresh 4 KiB pages
     assert reused < default / 20, (reused, default)
+    assert users_own > default / 2, (users_own, default)
