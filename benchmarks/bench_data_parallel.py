@@ -96,6 +96,8 @@ def worker(args):
 
 # ---- the driver: both set-ups, interleaved, medians --------------------------------------------------
 def run_setup(args, ranks, threads):
+    from tinysd import distributed
+
     out = tempfile.mkdtemp(prefix="bench_dp_")
     command = [sys.executable, __file__, "--worker", "--steps-scale", str(args.steps_scale), "--out", out]
     command += ["--allreduce-only"] if args.allreduce_only else []
@@ -104,7 +106,8 @@ def run_setup(args, ranks, threads):
         mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
         command = [mpiexec, "-n", str(ranks), *command, "--data-parallel"]
     command += ["--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env=distributed.launcher_environment(dict(os.environ, PYTHONPATH=str(ROOT))))
     shutil.rmtree(out, ignore_errors=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:

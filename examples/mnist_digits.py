@@ -221,7 +221,8 @@ def start_ranks(argv):
     print(f"[ranks] {ranks} processes, data parallel, {args.threads or threads_per_rank(ranks)} thread(s) each "
           f"(--ranks 1: one process)", flush=True)
     command = [launcher, "-n", str(ranks), sys.executable, str(Path(__file__).resolve()), *argv, "--data-parallel"]
-    os.execv(launcher, command)  # this process becomes mpiexec: Ctrl-C reaches the ranks as it would us
+    # this process becomes mpiexec: Ctrl-C reaches the ranks as it would us
+    os.execve(launcher, command, distributed.launcher_environment())
 
 
 def check_out_folder(out):

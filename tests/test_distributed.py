@@ -34,8 +34,9 @@ needs_mpi = pytest.mark.skipif(
 
 def run_worker(ranks, out, *flags, timeout=120):
     """Run the worker on `ranks` processes (1: plain python); return (exit code, output, seconds)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
-               TINYSD_KERNELS="reference", PYTHONPATH=str(WORKER.parent.parent))
+    env = distributed.launcher_environment(dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                                                NUMBA_NUM_THREADS="1", TINYSD_KERNELS="reference",
+                                                PYTHONPATH=str(WORKER.parent.parent)))
     command = [sys.executable, str(WORKER), "--out", str(out), *flags]
     if ranks > 1:
         command = [find_mpiexec(), "-n", str(ranks), *command]
@@ -140,20 +141,20 @@ def test_the_library_never_imports_mpi4py():
 
 # ---- the main job starts its own ranks ------------------------------------------------------------
 class Became(Exception):
-    """Raised by the stand-in for os.execv: the command the job would have become."""
+    """Raised by the stand-in for os.execve: the command the job would have become, and its environment."""
 
 
 @pytest.fixture
 def job(monkeypatch):
-    """examples/mnist_digits.py with os.execv replaced: start_ranks raises Became(command) instead."""
+    """examples/mnist_digits.py with os.execve replaced: start_ranks raises Became(command, env) instead."""
     from helpers import load_script
 
     example = load_script("examples/mnist_digits.py")
 
-    def execv(path, command):
-        raise Became(command)
+    def execve(path, command, env):
+        raise Became(command, env)
 
-    monkeypatch.setattr(example.os, "execv", execv)
+    monkeypatch.setattr(example.os, "execve", execve)
     return example
 
 
@@ -169,6 +170,22 @@ def test_the_job_becomes_mpiexec_with_one_rank_per_core(job, tmp_path):
     expected = 1 << (min(job.usable_cores(), 32).bit_length() - 1)
     assert Path(launcher).name == "mpiexec" and (n, ranks) == ("-n", str(expected))
     assert (python, Path(script).name, rest) == (sys.executable, "mnist_digits.py", [*flags, "--data-parallel"])
+
+
+def test_mpiexec_is_started_so_that_open_mpi_accepts_root(job, tmp_path, monkeypatch):
+    """As root (most containers) Open MPI's mpiexec exits unless two variables allow it (seen on a GPU
+    machine: every test here failed with its refusal); the job sets them, only as root."""
+    monkeypatch.setattr(job.shutil, "which", lambda name, path=None: "/usr/bin/mpiexec")
+    monkeypatch.setattr(job.importlib.util, "find_spec", lambda name, *a: object())
+    for name in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
+        monkeypatch.delenv(name, raising=False)
+    for uid, allowed in ((0, {"1"}), (1000, {None})):
+        monkeypatch.setattr(distributed.os, "geteuid", lambda uid=uid: uid)
+        with pytest.raises(Became) as became:
+            job.start_ranks(["--ranks", "2", "--out", str(tmp_path)])
+        command, env = became.value.args
+        assert command[1:3] == ["-n", "2"] and env["PATH"] == os.environ["PATH"]
+        assert {env.get("OMPI_ALLOW_RUN_AS_ROOT"), env.get("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")} == allowed
 
 
 @needs_mpi
@@ -200,7 +217,7 @@ def test_the_command_line_job_runs_on_two_ranks(tmp_path):
     """`python examples/mnist_digits.py --ranks 2 --quick`: every output, written once, by rank 0."""
     script = WORKER.parent.parent / "examples" / "mnist_digits.py"
     env = dict(os.environ, PYTHONPATH=str(WORKER.parent.parent), PATH=f"{Path(find_mpiexec()).parent}{os.pathsep}"
-               f"{os.environ['PATH']}")
+               f"{os.environ['PATH']}")  # no launcher_environment: the job must add it itself
     done = subprocess.run([sys.executable, str(script), "--ranks", "2", "--quick", "--samples-per-digit", "1",
                            "--steps", "2", "--out", str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=600)

@@ -48,6 +48,17 @@ _timeout_s = DEFAULT_TIMEOUT_S
 
 
 # ---- who am I ----------------------------------------------------------------------------------
+def launcher_environment(environ=None):
+    """The environment to start `mpiexec` in: `environ` (default os.environ), and where this process
+    runs as root (as in most containers), Open MPI's two variables that let its mpiexec start
+    as root; without them it refuses and exits (MPICH's mpiexec starts either way)."""
+    env = dict(os.environ if environ is None else environ)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return env
+
+
 def init(timeout_s=None, device="cpu"):
     """Join the ranks started by mpiexec (or a cluster's launcher); return world_size().
 
