@@ -139,6 +139,66 @@ def test_the_library_never_imports_mpi4py():
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(WORKER.parent.parent)))
 
 
+_SUM_OF_PARTS = """
+import numpy as np
+from tinysd import distributed
+
+distributed.init(timeout_s=60)
+rank, ranks = distributed.rank(), distributed.world_size()
+whole = np.random.default_rng(0).standard_normal((10, 3, 4)).astype(np.float32)
+mine = np.zeros_like(whole)
+mine[rank::ranks] = whole[rank::ranks]  # this rank's rows; zeros where the rows are another's
+distributed.sum_arrays([mine, np.ones(5)], "parts")
+print("rank", rank, "has the whole" if mine.tobytes() == whole.tobytes() else "differs")
+"""
+
+
+@needs_mpi
+def test_sum_arrays_hands_every_rank_the_parts_of_all():
+    """distributed.sum_arrays, as encode_latents in the main job uses it: each rank computes some rows,
+    and after the sum every rank holds all of them, bit for bit."""
+    env = distributed.launcher_environment(dict(os.environ, PYTHONPATH=str(WORKER.parent.parent)))
+    done = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, "-c", _SUM_OF_PARTS], env=env,
+                          capture_output=True, text=True, timeout=120)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert log.count("has the whole") == 2, log
+
+
+_LATENTS_OF_RANKS = """
+import sys
+import numpy as np
+import tinysd
+from tinysd import distributed
+sys.path.insert(0, "tests")
+from helpers import load_script
+
+job = load_script("examples/mnist_digits.py")
+distributed.init(timeout_s=60)
+tinysd.manual_seed(0)
+vae = job.AutoencoderKL()
+vae.scaling_factor = 1.5
+images = np.random.default_rng(0).uniform(-1, 1, (1300, 1, 32, 32)).astype(np.float32)
+run = type("Run", (), {"tensor": staticmethod(tinysd.tensor)})
+latents = job.encode_latents(run, vae, images)  # this rank encodes every other batch of 500
+with tinysd.no_grad():  # one process's answer: every batch here
+    alone = np.concatenate([vae.encode(tinysd.tensor(images[i : i + 500])).mode().numpy() for i in (0, 500, 1000)])
+print("rank", distributed.rank(), "as one process" if latents.tobytes() == (alone * 1.5).tobytes() else "differs")
+"""
+
+
+@needs_mpi
+def test_the_ranks_encode_the_latents_of_one_process_between_them():
+    """mnist_digits.encode_latents on 2 ranks: each encodes every other batch, and both end with the
+    latents one process computes, bit for bit."""
+    env = distributed.launcher_environment(dict(os.environ, PYTHONPATH=str(WORKER.parent.parent)))
+    done = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, "-c", _LATENTS_OF_RANKS], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=WORKER.parent.parent)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert log.count("as one process") == 2, log
+
+
 # ---- the main job starts its own ranks ------------------------------------------------------------
 class Became(Exception):
     """Raised by the stand-in for os.execve: the command the job would have become, and its environment."""

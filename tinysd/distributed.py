@@ -134,6 +134,17 @@ def broadcast_arrays(arrays, what="arrays"):
         _unpack(flat, bucket)
 
 
+def sum_arrays(arrays, what="arrays"):
+    """Every array <- its sum over the ranks, in place. With each entry computed by one rank and
+    left zero on the others, this hands every rank the whole result, exactly (x + 0 = x)."""
+    if _comm is None:
+        return
+    for bucket in _buckets(arrays):
+        flat = _pack(bucket)
+        _collective(f"sum of {what}", flat, _sum_mpi, _sum_nccl)
+        _unpack(flat, bucket)
+
+
 def average_gradients(parameters, loss=None):
     """After backward(): every .grad <- the mean of that gradient over the ranks.
 
