@@ -126,22 +126,22 @@ def broadcast_parameters(tensors):
 
 def broadcast_arrays(arrays, what="arrays"):
     """Overwrite every array, in place, with rank 0's values."""
-    if _comm is None:
-        return
-    for bucket in _buckets(arrays):
-        flat = _pack(bucket)
-        _collective(f"broadcast of {what}", flat, _broadcast_mpi, _broadcast_nccl)
-        _unpack(flat, bucket)
+    _in_place(arrays, f"broadcast of {what}", _broadcast_mpi, _broadcast_nccl)
 
 
 def sum_arrays(arrays, what="arrays"):
     """Every array <- its sum over the ranks, in place. With each entry computed by one rank and
     left zero on the others, this hands every rank the whole result, exactly (x + 0 = x)."""
+    _in_place(arrays, f"sum of {what}", _sum_mpi, _sum_nccl)
+
+
+def _in_place(arrays, what, on_mpi, on_nccl):
+    """One collective over `arrays`, packed into flat buffers, the results written back into them."""
     if _comm is None:
         return
     for bucket in _buckets(arrays):
         flat = _pack(bucket)
-        _collective(f"sum of {what}", flat, _sum_mpi, _sum_nccl)
+        _collective(what, flat, on_mpi, on_nccl)
         _unpack(flat, bucket)
 
 
