@@ -396,13 +396,13 @@ def compile_kernels_once(run, tokenizer):
 
     def clip():
         n = batch["clip"]
-        model = CLIPModel(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length).to(run.device)
+        model = clip_model(tokenizer).to(run.device)
         ids = tokenizer([digit_prompt(d) for d in rng.integers(0, 10, n)])
         return model, model(run.tensor(ids), images(n), positives=np.eye(n, dtype=bool))
 
     def unet():
         n, autoencoder = batch["unet"], AutoencoderKL()  # built for the latents' shape only
-        width = CLIPModel(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length).text_model.width
+        width = clip_model(tokenizer).text_model.width
         size = 32 // autoencoder.downscale_factor
         noisy = rng.standard_normal((n, autoencoder.latent_channels, size, size)).astype(np.float32)
         states = rng.standard_normal((n, tokenizer.context_length, width)).astype(np.float32)
@@ -501,9 +501,14 @@ def encode_latents(run, vae, images, batch=500):
 
 
 # ---- stage 3: CLIP -----------------------------------------------------------------------------
+def clip_model(tokenizer):
+    """The main job's CLIP, sized for the tokenizer's vocabulary and context."""
+    return CLIPModel(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
+
+
 def stage_clip(run, tokenizer):
     rng = run.begin("clip")  # the captions are drawn from the stage's stream too
-    model = CLIPModel(vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length).to(run.device)
+    model = clip_model(tokenizer).to(run.device)
     cfg = run.budget["clip"]
 
     def loss_fn(idx):

@@ -356,7 +356,8 @@ def conv2d(x, w, stride, padding, dilation, groups, bias=None):
         return _conv2d_in_bands(x, w, plan, bias)
     wmat_t = np.ascontiguousarray(_weight_matrix(w, x.dtype).T)  # (KH * KW * C/G, O)
     y = np.empty((plan.n, plan.o, plan.ho, plan.wo), x.dtype)
-    _conv2d_chunks(blas.gemm_for(x.dtype), x, wmat_t, blas.row_bias(bias, x.dtype), plan.window(), plan.step, *plan.buffers(), y)
+    _conv2d_chunks(blas.gemm_for(x.dtype), x, wmat_t, blas.row_bias(bias, x.dtype), plan.window(), plan.step,
+                   *plan.buffers(), y)
     return y
 
 
@@ -1407,7 +1408,7 @@ def _activation_kernels(kind):
 
     `kind` is a constant of the closure, so Numba drops the other activations' code before it
     compiles: with `kind` an argument, every kernel carried all three activations inlined, and
-    the GEGLU kernel alone took 19 s to compile (6 s now)."""
+    the GEGLU kernel alone took 19 s to compile (8 s now)."""
 
     @njit(parallel=True, cache=True, fastmath=_FAST)
     def activation(x, dy, out, bits, backward):

@@ -139,6 +139,15 @@ def test_the_library_never_imports_mpi4py():
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(WORKER.parent.parent)))
 
 
+def run_code_on_two_ranks(code, timeout=300):
+    """Run Python `code` on 2 ranks under mpiexec, from the repository's root; return (exit code, output)."""
+    root = WORKER.parent.parent
+    done = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, "-c", code], cwd=root, capture_output=True,
+                          text=True, timeout=timeout,
+                          env=distributed.launcher_environment(dict(os.environ, PYTHONPATH=str(root))))
+    return done.returncode, done.stdout + done.stderr
+
+
 _SUM_OF_PARTS = """
 import numpy as np
 from tinysd import distributed
@@ -157,11 +166,8 @@ print("rank", rank, "has the whole" if mine.tobytes() == whole.tobytes() else "d
 def test_sum_arrays_hands_every_rank_the_parts_of_all():
     """distributed.sum_arrays, as encode_latents in the main job uses it: each rank computes some rows,
     and after the sum every rank holds all of them, bit for bit."""
-    env = distributed.launcher_environment(dict(os.environ, PYTHONPATH=str(WORKER.parent.parent)))
-    done = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, "-c", _SUM_OF_PARTS], env=env,
-                          capture_output=True, text=True, timeout=120)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log
+    code, log = run_code_on_two_ranks(_SUM_OF_PARTS)
+    assert code == 0, log
     assert log.count("has the whole") == 2, log
 
 
@@ -191,11 +197,8 @@ print("rank", distributed.rank(), "as one process" if latents.tobytes() == (alon
 def test_the_ranks_encode_the_latents_of_one_process_between_them():
     """mnist_digits.encode_latents on 2 ranks: each encodes every other batch, and both end with the
     latents one process computes, bit for bit."""
-    env = distributed.launcher_environment(dict(os.environ, PYTHONPATH=str(WORKER.parent.parent)))
-    done = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, "-c", _LATENTS_OF_RANKS], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=WORKER.parent.parent)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log
+    code, log = run_code_on_two_ranks(_LATENTS_OF_RANKS)
+    assert code == 0, log
     assert log.count("as one process") == 2, log
 
 

@@ -60,8 +60,9 @@ def _reuse_freed_memory():
     below 1 GiB of free memory (M_TRIM_THRESHOLD): 6 and 36 faults a step, VAE 2-7% and UNet 3-8%
     faster, the same peak resident memory.
     Not done where the environment sets malloc options (MALLOC_* variables, or glibc.malloc.*
-    tunables in GLIBC_TUNABLES), where TINYSD_REUSE_FREED_MEMORY=0, or without glibc. The threshold first, since a trim threshold alone would stop glibc from
-    raising its mmap threshold by itself and map every array above 128 KiB afresh.
+    tunables in GLIBC_TUNABLES), where TINYSD_REUSE_FREED_MEMORY=0, or without glibc. The
+    threshold first, since a trim threshold alone would stop glibc from raising its mmap
+    threshold by itself and map every array above 128 KiB afresh.
     """
     if (os.environ.get("TINYSD_REUSE_FREED_MEMORY", "1") == "0" or any(k.startswith("MALLOC_") for k in os.environ)
             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
