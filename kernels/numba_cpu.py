@@ -44,7 +44,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange, set_num_threads, types, vectorize
 from numba.extending import overload
 
-from . import blas, reference
+from . import blas, reference, winograd
 from .reference import conv_output_size
 
 # fastmath flags that let LLVM vectorise sums (reassociate) but keep inf/nan semantics (masks use -inf)
@@ -354,6 +354,9 @@ def conv2d(x, w, stride, padding, dilation, groups, bias=None):
     plan = _ConvPlan("conv2d", x.shape, w.shape, stride, padding, dilation, groups, x.dtype)
     if plan.p * plan.k * x.dtype.itemsize > _CACHE_BYTES or plan.c == 1:
         return _conv2d_in_bands(x, w, plan, bias)
+    if _winograd_fits(plan):
+        return _winograd_conv2d(x, winograd.weight_tiles(np.asarray(w, x.dtype)), bias, (plan.ph, plan.pw),
+                                (plan.ho, plan.wo), plan)
     wmat_t = np.ascontiguousarray(_weight_matrix(w, x.dtype).T)  # (KH * KW * C/G, O)
     y = np.empty((plan.n, plan.o, plan.ho, plan.wo), x.dtype)
     _conv2d_chunks(blas.gemm_for(x.dtype), x, wmat_t, blas.row_bias(bias, x.dtype), plan.window(), plan.step,
@@ -447,6 +450,10 @@ def conv2d_grad_input(dy, w, x_shape, stride, padding, dilation, groups):
     dy = np.ascontiguousarray(dy)
     plan = _ConvPlan("conv2d_grad_input", x_shape, w.shape, stride, padding, dilation, groups, dy.dtype,
                      dy.shape[2:])
+    if _winograd_fits(plan):  # the correlation of dy, padded by 2 - p, with w rotated 180 degrees, C and O swapped
+        rotated = np.asarray(w, dy.dtype)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+        return _winograd_conv2d(dy, winograd.weight_tiles(rotated), None, (2 - plan.ph, 2 - plan.pw),
+                                (plan.h, plan.w), plan)
     dx = np.empty(x_shape, dy.dtype)
     _conv2d_grad_input_chunks(blas.gemm_for(dy.dtype), dy, _weight_matrix(w, dy.dtype), plan.window(), plan.step,
                               *plan.buffers(), dx)
@@ -478,6 +485,11 @@ def conv2d_grad_weight(dy, x, w_shape, stride, padding, dilation, groups):
     if dy.shape != (plan.n, plan.o, plan.ho, plan.wo):
         raise ValueError(f"conv2d_grad_weight: dy shape {dy.shape} does not match the output shape "
                          f"{(plan.n, plan.o, plan.ho, plan.wo)}")
+    if _winograd_fits(plan):
+        du = np.zeros((16, plan.c, plan.o), x.dtype)
+        step, buffers = _winograd_chunking(plan, plan.c, plan.o, (plan.ho, plan.wo))
+        _winograd_grad_weight_chunks(blas.gemm_for(x.dtype), x, dy, plan.ph, plan.pw, step, *buffers, du)
+        return winograd.weight_from_tiles(du)
     dwmat = np.zeros((plan.o, plan.k // groups), x.dtype)
     _conv2d_grad_weight_chunks(blas.gemm_for(x.dtype), x, dy, plan.window(), plan.step, *plan.buffers(), dwmat)
     # (O, KH, KW, C/G) -> (O, C/G, KH, KW)
@@ -503,6 +515,80 @@ def conv_transpose2d(x, w, stride, padding, output_padding, dilation, groups):
     """See reference.conv_transpose2d: conv2d_grad_input of the conv whose output is x."""
     y_shape = reference.conv_transpose2d_shape(x.shape, w.shape, stride, padding, output_padding, dilation, groups)
     return conv2d_grad_input(x, w, y_shape, stride, padding, dilation, groups)
+
+
+# ---- 3x3 convolutions with stride 1: Winograd's F(2x2, 3x3) (kernels/winograd.py) -----
+_WINOGRAD_MIN_CHANNELS = 32  # input and output channels; below, im2col's product was faster (measured)
+
+
+def _winograd_fits(plan):
+    """Whether the convolution is a 3x3 one Winograd's F(2x2, 3x3) takes: stride 1, no dilation, one
+    group, padding at most 2 (so dx is a correlation with padding 2 - p), enough channels."""
+    return (plan.kh == plan.kw == 3 and plan.sh == plan.sw == 1 and plan.dh == plan.dw == 1 and plan.groups == 1
+            and max(plan.ph, plan.pw) <= 2 and min(plan.c, plan.o) >= _WINOGRAD_MIN_CHANNELS)
+
+
+def _winograd_chunking(plan, c, o, hw):
+    """(samples per chunk, the chunk's flat work buffers) for an input of c channels and an output of o
+    channels of size hw: padded channels-last input, input tiles, product tiles, channels-last output,
+    together about as large as im2col's buffers would be (plan.step)."""
+    th, tw = winograd.tile_grid(*hw)
+    sizes = (2 * th + 2) * (2 * tw + 2) * c, 16 * th * tw * c, 16 * th * tw * o, 4 * th * tw * o
+    im2col = plan.p * (plan.k + plan.o) + plan.hp * plan.wp * plan.c
+    step = max(1, min(plan.n, plan.step * im2col // sum(sizes)))
+    roles = ("xpad", "cols", "out", "tiles")
+    return step, tuple(_work_buffer(role, step * size, plan.dtype) for role, size in zip(roles, sizes))
+
+
+def _winograd_conv2d(x, u, bias, pads, out_hw, plan):
+    """The 3x3, stride-1 correlation of x, padded by pads (top, left), with the weight tiles u (16, C, O),
+    + bias: an (N, O) + out_hw array."""
+    c, o = u.shape[1:]
+    y = np.empty((x.shape[0], o) + tuple(out_hw), x.dtype)
+    bias = np.zeros(o, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
+    step, buffers = _winograd_chunking(plan, c, o, out_hw)
+    _winograd_chunks(blas.gemm_for(x.dtype), x, u, bias, pads[0], pads[1], step, *buffers, y)
+    return y
+
+
+@_compiled_when_gemm
+def _winograd_chunks(gemm, x, u, bias, top, left, step, xpad_buf, v_buf, m_buf, out_buf, y):
+    """y = conv2d(x) + bias by F(2x2, 3x3), `step` samples at a time: channels-last padded input,
+    input tiles V, M[k] = V[k] U[k] (BLAS), output tiles (+ bias), into NCHW (cropped)."""
+    n, o, ho, wo = y.shape
+    c = x.shape[1]
+    th, tw = winograd.tile_grid(ho, wo)
+    for n0 in range(0, n, step):
+        nc = min(step, n - n0)
+        xpad = _chunk_view(xpad_buf, (nc, 2 * th + 2, 2 * tw + 2, c))
+        _to_channels_last(x, n0, top, left, xpad)
+        v, m = _chunk_view(v_buf, (16, nc * th * tw, c)), _chunk_view(m_buf, (16, nc * th * tw, o))
+        winograd.input_tiles(xpad, th, tw, v)
+        for k in range(16):
+            blas.product(gemm, v[k], False, u[k], m[k], 0.0)
+        out = _chunk_view(out_buf, (nc, 2 * th, 2 * tw, o))
+        winograd.output_tiles(m, th, tw, bias, out)
+        _to_channels_first(out, 0, 0, n0, y)
+
+
+@_compiled_when_gemm
+def _winograd_grad_weight_chunks(gemm, x, dy, top, left, step, xpad_buf, v_buf, z_buf, dy_buf, du):
+    """du[k] += V[k]^T Z[k] over all samples, `step` at a time: the gradient of the weight tiles
+    (input tiles V of x padded by top, left; Z the tiles of the output gradient dy)."""
+    n, o, ho, wo = dy.shape
+    c = x.shape[1]
+    th, tw = winograd.tile_grid(ho, wo)
+    for n0 in range(0, n, step):
+        nc = min(step, n - n0)
+        xpad = _chunk_view(xpad_buf, (nc, 2 * th + 2, 2 * tw + 2, c))
+        _to_channels_last(x, n0, top, left, xpad)
+        v, z = _chunk_view(v_buf, (16, nc * th * tw, c)), _chunk_view(z_buf, (16, nc * th * tw, o))
+        winograd.input_tiles(xpad, th, tw, v)
+        dy_last = _chunk_view(dy_buf, (nc, 2 * th, 2 * tw, o))
+        _to_channels_last(dy, n0, 0, 0, dy_last)
+        winograd.gradient_tiles(dy_last, th, tw, z)
+        for k in range(16):
+            blas.product(gemm, v[k], True, z[k], du[k], 1.0)
 
 
 # ---- pooling and upsampling (one parallel task per (n, c) plane) ----------------

@@ -81,6 +81,31 @@ def conv_calls(rng, dtype=np.float64):
         yield "conv_transpose2d", lambda m: m.conv_transpose2d(dy, wt, stride, padding, (0, 0), dilation, groups)
 
 
+def few_channels_by_winograd(module, fn):
+    """fn() with Winograd's F(2x2, 3x3) taking 3x3, stride-1 convolutions of any channel count."""
+    saved = getattr(module, "_WINOGRAD_MIN_CHANNELS", None)
+    if saved is None:
+        return fn()
+    module._WINOGRAD_MIN_CHANNELS = 1
+    try:
+        return fn()
+    finally:
+        module._WINOGRAD_MIN_CHANNELS = saved
+
+
+def winograd_calls(rng, dtype=np.float64):
+    for x_shape, w_shape, padding in [((2, 3, 5, 6), (4, 3, 3, 3), (1, 1)), ((3, 2, 4, 3), (2, 2, 3, 3), (0, 2))]:
+        x, w = randn(rng, *x_shape, dtype=dtype), randn(rng, *w_shape, dtype=dtype)
+        bias = randn(rng, w_shape[0], dtype=dtype)
+        args = (1, 1), padding, (1, 1), 1
+        dy = randn(rng, *ref.conv2d(x, w, *args).shape, dtype=dtype)
+        yield "conv2d (Winograd)", lambda m: few_channels_by_winograd(m, lambda: m.conv2d(x, w, *args, bias))
+        yield "conv2d_grad_input (Winograd)", lambda m: few_channels_by_winograd(
+            m, lambda: m.conv2d_grad_input(dy, w, x.shape, *args))
+        yield "conv2d_grad_weight (Winograd)", lambda m: few_channels_by_winograd(
+            m, lambda: m.conv2d_grad_weight(dy, x, w.shape, *args))
+
+
 def linear_calls(rng, dtype=np.float64):
     x, w, b, dy = (randn(rng, *shape, dtype=dtype) for shape in ((9, 5), (4, 5), (4,), (9, 4)))
     yield "linear", lambda m: m.linear(x, w, b)
@@ -175,7 +200,8 @@ def main():
     assert checks_are_on(), "Numba's bounds checks are off"
     rng = np.random.default_rng(0)
     count, names = 0, set()
-    for calls in (conv_calls, linear_calls, pool_calls, norm_calls, softmax_calls, attention_calls, elementwise_calls):
+    for calls in (conv_calls, winograd_calls, linear_calls, pool_calls, norm_calls, softmax_calls, attention_calls,
+                  elementwise_calls):
         for name, call in calls(rng):
             same(name, call(nb), call(ref))
             count, names = count + 1, names | {name}
@@ -183,7 +209,7 @@ def main():
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        for calls in (conv_calls, linear_calls, geglu_calls):
+        for calls in (conv_calls, winograd_calls, linear_calls, geglu_calls):
             for name, call in calls(rng, np.float32):
                 same(f"{name} (float32, one thread)", call(nb), call(ref), tol=1e-4)
                 count += 1

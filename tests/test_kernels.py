@@ -470,6 +470,64 @@ def test_numba_conv_chunk_loops_on_one_thread_match_reference(dtype, cfg, cache_
         assert_matches(g, e, dtype)
 
 
+@st.composite
+def winograd_configs(draw):
+    """A 3x3, stride-1 conv2d problem of any size, padding 0 to 3 (3: more than F(2x2, 3x3)'s path takes)."""
+    padding = draw(pairs(0, 3))
+    size = [max(1, 3 - 2 * p) + draw(st.integers(0, 6)) for p in padding]
+    return dict(x_shape=(draw(st.integers(1, 3)), draw(st.integers(2, 5)), *size),  # 1 channel: conv2d goes by bands
+                w_shape=(draw(st.integers(1, 5)), 0, 3, 3), stride=(1, 1), padding=padding, dilation=(1, 1), groups=1)
+
+
+@pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, None])
+@given(cfg=winograd_configs(), cache_scale=st.integers(1, 20))
+def test_numba_winograd_conv2d_matches_reference(dtype, threads, cfg, cache_scale):
+    """3x3 convolutions with stride 1 go by Winograd's F(2x2, 3x3) (kernels/winograd.py) where padding <= 2:
+    forward (+ bias), input and weight gradients against the reference, on one thread (float32: the
+    compiled chunk loop) and on all; odd sizes crop the tiles, small cache budgets make short chunks, the
+    last one shorter."""
+    import numba
+
+    numba_cpu = load("numba_cpu")
+    cfg["w_shape"] = (cfg["w_shape"][0], cfg["x_shape"][1], 3, 3)
+    x, w = randn(*cfg["x_shape"], dtype=dtype), randn(*cfg["w_shape"], dtype=dtype, seed=1)
+    dy, bias = randn(*conv_out(cfg), dtype=dtype, seed=2), randn(cfg["w_shape"][0], dtype=dtype, seed=3)
+    args = cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"]
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads or before)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(numba_cpu, "_WINOGRAD_MIN_CHANNELS", 1)  # small channel counts: quick tests of the same path
+            (_, _, ho, wo), c = conv_out(cfg), cfg["x_shape"][1]  # at least one sample's im2col matrix: no bands
+            patch.setattr(numba_cpu, "_CACHE_BYTES", ho * wo * 9 * c * np.dtype(dtype).itemsize * cache_scale)
+            calls = []
+            for loop in ("_winograd_chunks", "_winograd_grad_weight_chunks"):
+                patch.setattr(numba_cpu, loop, lambda *a, f=getattr(numba_cpu, loop): calls.append(1) or f(*a))
+            got = (numba_cpu.conv2d(x, w, *args, bias), numba_cpu.conv2d_grad_input(dy, w, x.shape, *args),
+                   numba_cpu.conv2d_grad_weight(dy, x, w.shape, *args))
+    finally:
+        numba.set_num_threads(before)
+    assert len(calls) == (3 if max(cfg["padding"]) <= 2 else 0)
+    expected = (ref.conv2d(x, w, *args, bias), ref.conv2d_grad_input(dy, w, x.shape, *args),
+                ref.conv2d_grad_weight(dy, x, w.shape, *args))
+    for g, e in zip(got, expected):
+        assert_matches(g, e, dtype)
+
+
+def test_winograd_f2_3_in_one_dimension():
+    """The 1-D form of the algorithm: A^T [(G g) * (B^T d)] is the correlation of 4 inputs d with a
+    3-tap filter g (2 outputs), and the weight tiles' gradient maps back by the adjoint of g -> G g G^T."""
+    from kernels import winograd
+
+    d, g = randn(4), randn(3, seed=1)
+    direct = [d[0:3] @ g, d[1:4] @ g]
+    np.testing.assert_allclose(winograd.A_T @ ((winograd.G @ g) * (winograd.B_T @ d)), direct, rtol=1e-12)
+    w, du = randn(2, 3, 3, 3, seed=2), randn(16, 3, 2, seed=3)
+    assert np.isclose(dot(winograd.weight_tiles(w), du), dot(w, winograd.weight_from_tiles(du)), rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(cfg=conv_configs(max_groups=2), data=st.data())
 def test_conv_transpose2d_matches_reference(kb, dtype, cfg, data):
