@@ -45,8 +45,8 @@ def same(name, got, expected, tol=1e-9):
 
 
 def small_budgets(module, *names):
-    """A runner of fn() with the module's byte budgets `names` (where it has them) at 0: the kernels' paths
-    for large inputs, on small ones."""
+    """A runner of fn() with the module's byte budgets or size limits `names` (where it has them) at 0: the
+    kernels' paths for large inputs, on small ones."""
     def run(fn):
         saved = {name: getattr(module, name) for name in names if hasattr(module, name)}
         try:
@@ -81,29 +81,18 @@ def conv_calls(rng, dtype=np.float64):
         yield "conv_transpose2d", lambda m: m.conv_transpose2d(dy, wt, stride, padding, (0, 0), dilation, groups)
 
 
-def few_channels_by_winograd(module, fn):
-    """fn() with Winograd's F(2x2, 3x3) taking 3x3, stride-1 convolutions of any channel count."""
-    saved = getattr(module, "_WINOGRAD_MIN_CHANNELS", None)
-    if saved is None:
-        return fn()
-    module._WINOGRAD_MIN_CHANNELS = 1
-    try:
-        return fn()
-    finally:
-        module._WINOGRAD_MIN_CHANNELS = saved
-
-
 def winograd_calls(rng, dtype=np.float64):
     for x_shape, w_shape, padding in [((2, 3, 5, 6), (4, 3, 3, 3), (1, 1)), ((3, 2, 4, 3), (2, 2, 3, 3), (0, 2))]:
         x, w = randn(rng, *x_shape, dtype=dtype), randn(rng, *w_shape, dtype=dtype)
         bias = randn(rng, w_shape[0], dtype=dtype)
         args = (1, 1), padding, (1, 1), 1
         dy = randn(rng, *ref.conv2d(x, w, *args).shape, dtype=dtype)
-        yield "conv2d (Winograd)", lambda m: few_channels_by_winograd(m, lambda: m.conv2d(x, w, *args, bias))
-        yield "conv2d_grad_input (Winograd)", lambda m: few_channels_by_winograd(
-            m, lambda: m.conv2d_grad_input(dy, w, x.shape, *args))
-        yield "conv2d_grad_weight (Winograd)", lambda m: few_channels_by_winograd(
-            m, lambda: m.conv2d_grad_weight(dy, x, w.shape, *args))
+        any_size = ("_WINOGRAD_MIN_CHANNELS", "_WINOGRAD_MIN_PRODUCT")  # limits at 0: F(2x2, 3x3) for these too
+        yield "conv2d (Winograd)", lambda m: small_budgets(m, *any_size)(lambda: m.conv2d(x, w, *args, bias))
+        yield "conv2d_grad_input (Winograd)", lambda m: small_budgets(m, *any_size)(
+            lambda: m.conv2d_grad_input(dy, w, x.shape, *args))
+        yield "conv2d_grad_weight (Winograd)", lambda m: small_budgets(m, *any_size)(
+            lambda: m.conv2d_grad_weight(dy, x, w.shape, *args))
 
 
 def linear_calls(rng, dtype=np.float64):

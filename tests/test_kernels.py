@@ -499,7 +499,8 @@ def test_numba_winograd_conv2d_matches_reference(dtype, threads, cfg, cache_scal
     numba.set_num_threads(threads or before)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(numba_cpu, "_WINOGRAD_MIN_CHANNELS", 1)  # small channel counts: quick tests of the same path
+            patch.setattr(numba_cpu, "_WINOGRAD_MIN_CHANNELS", 1)  # small problems: quick tests of the same path
+            patch.setattr(numba_cpu, "_WINOGRAD_MIN_PRODUCT", 1)
             (_, _, ho, wo), c = conv_out(cfg), cfg["x_shape"][1]  # at least one sample's im2col matrix: no bands
             patch.setattr(numba_cpu, "_CACHE_BYTES", ho * wo * 9 * c * np.dtype(dtype).itemsize * cache_scale)
             calls = []
