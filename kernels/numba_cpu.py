@@ -556,19 +556,28 @@ def _winograd_conv2d(x, u, bias, pads, out_hw, plan):
     return y
 
 
+@njit(cache=True)
+def _input_tiles_chunk(x, n0, nc, top, left, th, tw, xpad_buf, v_buf):
+    """The input tiles V (16, nc * TH * TW, C) of samples n0 .. n0 + nc of x padded by top, left, in v_buf
+    (through a padded channels-last copy in xpad_buf)."""
+    c = x.shape[1]
+    xpad = _chunk_view(xpad_buf, (nc, 2 * th + 2, 2 * tw + 2, c))
+    _to_channels_last(x, n0, top, left, xpad)
+    v = _chunk_view(v_buf, (16, nc * th * tw, c))
+    winograd.input_tiles(xpad, th, tw, v)
+    return v
+
+
 @_compiled_when_gemm
 def _winograd_chunks(gemm, x, u, bias, top, left, step, xpad_buf, v_buf, m_buf, out_buf, y):
     """y = conv2d(x) + bias by F(2x2, 3x3), `step` samples at a time: channels-last padded input,
     input tiles V, M[k] = V[k] U[k] (BLAS), output tiles (+ bias), into NCHW (cropped)."""
     n, o, ho, wo = y.shape
-    c = x.shape[1]
     th, tw = winograd.tile_grid(ho, wo)
     for n0 in range(0, n, step):
         nc = min(step, n - n0)
-        xpad = _chunk_view(xpad_buf, (nc, 2 * th + 2, 2 * tw + 2, c))
-        _to_channels_last(x, n0, top, left, xpad)
-        v, m = _chunk_view(v_buf, (16, nc * th * tw, c)), _chunk_view(m_buf, (16, nc * th * tw, o))
-        winograd.input_tiles(xpad, th, tw, v)
+        v = _input_tiles_chunk(x, n0, nc, top, left, th, tw, xpad_buf, v_buf)
+        m = _chunk_view(m_buf, (16, nc * th * tw, o))
         for k in range(16):
             blas.product(gemm, v[k], False, u[k], m[k], 0.0)
         out = _chunk_view(out_buf, (nc, 2 * th, 2 * tw, o))
@@ -581,14 +590,11 @@ def _winograd_grad_weight_chunks(gemm, x, dy, top, left, step, xpad_buf, v_buf, 
     """du[k] += V[k]^T Z[k] over all samples, `step` at a time: the gradient of the weight tiles
     (input tiles V of x padded by top, left; Z the tiles of the output gradient dy)."""
     n, o, ho, wo = dy.shape
-    c = x.shape[1]
     th, tw = winograd.tile_grid(ho, wo)
     for n0 in range(0, n, step):
         nc = min(step, n - n0)
-        xpad = _chunk_view(xpad_buf, (nc, 2 * th + 2, 2 * tw + 2, c))
-        _to_channels_last(x, n0, top, left, xpad)
-        v, z = _chunk_view(v_buf, (16, nc * th * tw, c)), _chunk_view(z_buf, (16, nc * th * tw, o))
-        winograd.input_tiles(xpad, th, tw, v)
+        v = _input_tiles_chunk(x, n0, nc, top, left, th, tw, xpad_buf, v_buf)
+        z = _chunk_view(z_buf, (16, nc * th * tw, o))
         dy_last = _chunk_view(dy_buf, (nc, 2 * th, 2 * tw, o))
         _to_channels_last(dy, n0, 0, 0, dy_last)
         winograd.gradient_tiles(dy_last, th, tw, z)
