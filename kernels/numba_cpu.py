@@ -9,6 +9,9 @@ Where the time goes on a CPU, and what this module does about it:
   multiplies it (with BLAS's transpose flags instead of transposed copies), and
   col2im is a gather: each output row is written by one loop, no atomics. Large
   images (Stable Diffusion's VAE decoder) go a band of output rows at a time.
+  3x3 convolutions with stride 1 and 32 or more channels go by Winograd's
+  F(2x2, 3x3) instead (kernels/winograd.py): 16 products of transformed 4x4
+  tiles, 2.25x fewer multiplications than the im2col product.
   The products of convolutions and linear layers go through kernels/blas.py,
   which on one thread feeds OpenBLAS blocks small enough for its unpacked
   small-matrix kernels (1.3-1.5x faster than np.matmul on these shapes); there
@@ -321,7 +324,9 @@ def _compiled_when_gemm(loop):
     """loop(gemm, ...), a kernel's loop over chunks of samples, compiled by Numba when gemm (from
     blas.gemm_for) is given: no Python between chunks, OpenBLAS called in small-matrix blocks
     (blas.product). Run as plain Python, with np.matmul, when it is None (float64, more threads,
-    another BLAS); the Numba helpers it calls run compiled either way.
+    another BLAS); the Numba helpers it calls run compiled either way, on one Numba thread: the
+    data movement between the products is cheap, and OpenBLAS's threads take the cores (two
+    thread pools taking turns stall each other, see the top of this module).
 
     Measured on one thread against the same loop in Python: 10-20% off the VAE's and the UNet's
     convolutions, more for the smallest (8 to 15 chunks of under 0.1 ms each).
@@ -329,7 +334,14 @@ def _compiled_when_gemm(loop):
     compiled = njit(cache=True)(loop)
 
     def run(gemm, *args):
-        return (loop if gemm is None else compiled)(gemm, *args)
+        if gemm is not None:
+            return compiled(gemm, *args)
+        threads = get_num_threads()
+        set_num_threads(1)  # (the Winograd transforms are parallel loops; im2col's are serial anyway)
+        try:
+            return loop(gemm, *args)
+        finally:
+            set_num_threads(threads)
 
     return run
 
