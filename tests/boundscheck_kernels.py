@@ -65,6 +65,8 @@ def conv_calls(rng, dtype=np.float64):
         ((1, 4, 9, 8), (6, 2, 3, 3), (2, 3), (2, 1), (2, 1), 2),
         ((2, 2, 5, 5), (2, 1, 1, 1), (2, 2), (0, 0), (1, 1), 2),
         ((5, 2, 3, 3), (2, 2, 1, 1), (1, 1), (0, 0), (1, 1), 1),  # chunks of 3 samples: the last one short
+        ((2, 1, 5, 6), (3, 1, 3, 3), (1, 1), (1, 2), (1, 1), 1),  # one channel, 3x3: direct loops
+        ((3, 1, 4, 3), (2, 1, 3, 3), (1, 1), (0, 1), (1, 1), 1),
     ]:
         x, w = randn(rng, *x_shape, dtype=dtype), randn(rng, *w_shape, dtype=dtype)
         args = stride, padding, dilation, groups

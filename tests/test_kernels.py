@@ -517,6 +517,28 @@ def test_numba_winograd_conv2d_matches_reference(dtype, threads, cfg, cache_scal
         assert_matches(g, e, dtype)
 
 
+@pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(n=st.integers(1, 3), o=st.integers(1, 5), size=pairs(1, 9), padding=pairs(0, 2), with_bias=st.booleans())
+def test_numba_one_channel_3x3_conv_matches_reference(dtype, n, o, size, padding, with_bias):
+    """A single input channel, 3x3, stride 1 (an image model's first layer) goes by direct loops over the
+    padded plane: forward (+ bias) and weight gradient against the reference."""
+    numba_cpu = load("numba_cpu")
+    size = tuple(max(s, 3 - 2 * p) for s, p in zip(size, padding))  # the kernel fits the padded input
+    x, w = randn(n, 1, *size, dtype=dtype), randn(o, 1, 3, 3, dtype=dtype, seed=1)
+    bias = randn(o, dtype=dtype, seed=3) if with_bias else None
+    args = (1, 1), padding, (1, 1), 1
+    dy = randn(*ref.conv2d(x, w, *args).shape, dtype=dtype, seed=2)
+    with pytest.MonkeyPatch.context() as patch:
+        calls = []
+        for kernel in ("_one_channel_3x3", "_one_channel_3x3_grad_weight"):
+            patch.setattr(numba_cpu, kernel, lambda *a, f=getattr(numba_cpu, kernel): calls.append(1) or f(*a))
+        got = numba_cpu.conv2d(x, w, *args, bias), numba_cpu.conv2d_grad_weight(dy, x, w.shape, *args)
+    assert len(calls) == 2
+    assert_matches(got[0], ref.conv2d(x, w, *args, bias), dtype)
+    assert_matches(got[1], ref.conv2d_grad_weight(dy, x, w.shape, *args), dtype)
+
+
 def test_winograd_f2_3_in_one_dimension():
     """The 1-D form of the algorithm: A^T [(G g) * (B^T d)] is the correlation of 4 inputs d with a
     3-tap filter g (2 outputs), and the weight tiles' gradient maps back by the adjoint of g -> G g G^T."""
