@@ -368,8 +368,7 @@ def conv2d(x, w, stride, padding, dilation, groups, bias=None):
     plan = _ConvPlan("conv2d", x.shape, w.shape, stride, padding, dilation, groups, x.dtype)
     if _one_channel_3x3_fits(plan):
         y = np.empty((plan.n, plan.o, plan.ho, plan.wo), x.dtype)
-        bias = np.zeros(plan.o, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
-        _run(_one_channel_3x3, _padded_plane(x, plan), np.asarray(w, x.dtype), bias, y)
+        _run(_one_channel_3x3, _padded_plane(x, plan), np.asarray(w, x.dtype), _row_param(bias, plan.o, 0, x.dtype), y)
         return y
     if plan.p * plan.k * x.dtype.itemsize > _CACHE_BYTES or plan.c == 1:
         return _conv2d_in_bands(x, w, plan, bias)
@@ -628,9 +627,9 @@ def _winograd_conv2d(x, u, bias, pads, out_hw, plan):
     + bias: an (N, O) + out_hw array."""
     c, o = u.shape[1:]
     y = np.empty((x.shape[0], o) + tuple(out_hw), x.dtype)
-    bias = np.zeros(o, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
     step, buffers = _winograd_chunking(plan, c, o, out_hw)
-    _winograd_chunks(blas.gemm_for(x.dtype), x, u, bias, pads[0], pads[1], step, *buffers, y)
+    _winograd_chunks(blas.gemm_for(x.dtype), x, u, _row_param(bias, o, 0, x.dtype), pads[0], pads[1], step, *buffers,
+                     y)
     return y
 
 
@@ -1054,7 +1053,8 @@ def _group_norm_backward_rows(dy, x, mean, rstd, weight, blocks, dx, dweight, db
 
 
 def _row_param(param, length, fill, dtype):
-    """A layer norm's (D,) parameter in x's dtype, or `fill` everywhere when there is none."""
+    """A (D,) parameter (a norm's scale or shift, a convolution's bias) in x's dtype, or `fill` everywhere
+    when there is none."""
     return np.full(length, fill, dtype) if param is None else np.asarray(param, dtype)
 
 

@@ -475,7 +475,8 @@ def winograd_configs(draw):
     """A 3x3, stride-1 conv2d problem of any size, padding 0 to 3 (3: more than F(2x2, 3x3)'s path takes)."""
     padding = draw(pairs(0, 3))
     size = [max(1, 3 - 2 * p) + draw(st.integers(0, 6)) for p in padding]
-    return dict(x_shape=(draw(st.integers(1, 3)), draw(st.integers(2, 5)), *size),  # 1 channel: conv2d goes by bands
+    n, channels = draw(st.integers(1, 3)), draw(st.integers(2, 5))  # (1 channel: conv2d goes by direct loops)
+    return dict(x_shape=(n, channels, *size),
                 w_shape=(draw(st.integers(1, 5)), 0, 3, 3), stride=(1, 1), padding=padding, dilation=(1, 1), groups=1)
 
 
