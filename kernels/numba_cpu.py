@@ -11,7 +11,8 @@ Where the time goes on a CPU, and what this module does about it:
   images (Stable Diffusion's VAE decoder) go a band of output rows at a time.
   3x3 convolutions with stride 1 and 32 or more channels go by Winograd's
   F(2x2, 3x3) instead (kernels/winograd.py): 16 products of transformed 4x4
-  tiles, 2.25x fewer multiplications than the im2col product.
+  tiles, 2.25x fewer multiplications than the im2col product. 1x1 kernels need no
+  im2col: a chunk of samples is one (channels, pixels) matrix, one product.
   The products of convolutions and linear layers go through kernels/blas.py,
   which on one thread feeds OpenBLAS blocks small enough for its unpacked
   small-matrix kernels (1.3-1.5x faster than np.matmul on these shapes); there
@@ -147,22 +148,30 @@ def _to_channels_first(src, top, left, n0, dst):
 
 
 @njit(cache=True)
-def _swap_samples_channels(src, n0, dst, to_src):
-    """dst[c, n, p] = src[n0 + n, c, p] for a chunk of samples; the other way round when to_src.
+def _swap_samples_channels(src, n0, dst):
+    """dst[c, n, p] = src[n0 + n, c, p] for a chunk of samples.
 
-    Moves (N, C, P) images to the (C, N*P) matrix layout of the GEMMs and back:
-    contiguous runs of P values, nearly as cheap as a copy.
+    Moves (N, C, P) images to the (C, N*P) matrix layout of the GEMMs: contiguous runs of
+    P values, nearly as cheap as a copy (a move to channels last is 2-4x slower).
     """
     c_count, nc, _ = dst.shape
     for c in range(c_count):
         for n in range(nc):
             a, b = src[n0 + n, c], dst[c, n]
-            if to_src:
-                for p in range(a.size):
-                    a[p] = b[p]
-            else:
-                for p in range(a.size):
-                    b[p] = a[p]
+            for p in range(a.size):
+                b[p] = a[p]
+
+
+@njit(cache=True)
+def _swap_back(src, bias, n0, dst):
+    """dst[n0 + n, c, p] = src[c, n, p] + bias[c] (no bias when it is empty): the inverse move."""
+    c_count, nc, _ = src.shape
+    for c in range(c_count):
+        shift = bias[c] if bias.size else src.dtype.type(0)
+        for n in range(nc):
+            a, b = src[c, n], dst[n0 + n, c]
+            for p in range(a.size):
+                b[p] = a[p] + shift
 
 
 @njit(cache=True)
@@ -305,6 +314,8 @@ def _im2col_chunk(x, n0, nc, window, xpad_buf, cols_buf):
     c, h, w = x.shape[1], x.shape[2], x.shape[3]
     xpad = _chunk_view(xpad_buf, (nc, h + 2 * ph, w + 2 * pw, c))
     _to_channels_last(x, n0, ph, pw, xpad)
+    if kh == kw == sh == sw == 1 and ph == pw == 0:  # a 1x1 kernel: the im2col matrix is xpad itself
+        return xpad.reshape((nc * ho * wo, c))
     cols = _chunk_view(cols_buf, (nc * ho * wo, c * kh * kw))
     _im2col(xpad, kh, kw, sh, sw, dh, dw, groups, ho, wo, cols)
     return cols
@@ -312,11 +323,11 @@ def _im2col_chunk(x, n0, nc, window, xpad_buf, cols_buf):
 
 @njit(cache=True)
 def _output_matrix(dy, n0, nc, out_buf):
-    """dy[n0 : n0 + nc] (N, O, HO, WO) as the (O, nc * HO * WO) matrix, in out_buf."""
+    """dy[n0 : n0 + nc] (N, O, HO, WO) as the (O, nc * HO * WO) matrix, in out_buf (any image batch will do)."""
     n, o = dy.shape[0], dy.shape[1]
     p = dy.shape[2] * dy.shape[3]
     out = _chunk_view(out_buf, (o, nc, p))
-    _swap_samples_channels(dy.reshape((n, o, p)), n0, out, False)
+    _swap_samples_channels(dy.reshape((n, o, p)), n0, out)
     return out.reshape((o, nc * p))
 
 
@@ -351,6 +362,38 @@ def _weight_matrix(w, dtype):
     return np.ascontiguousarray(np.asarray(w, dtype).transpose(0, 2, 3, 1)).reshape(w.shape[0], -1)
 
 
+def _pointwise_fits(plan):
+    """A 1x1 kernel, stride 1, no padding, one group: a product over channels at every pixel."""
+    return plan.kh == plan.kw == 1 and plan.sh == plan.sw == 1 and plan.ph == plan.pw == 0 and plan.groups == 1
+
+
+def _pointwise_conv(src, wmat, trans, bias, channels, plan):
+    """op(wmat) src + bias at every pixel of src (N, C, H, W), op(wmat) = wmat.T if trans: a 1x1
+    convolution (wmat (O, C)) or its input gradient (trans, src = dy). An (N, channels, H, W) array."""
+    dst = np.empty((src.shape[0], channels) + src.shape[2:], src.dtype)
+    p = plan.h * plan.w
+    buffers = (_work_buffer("cols", plan.step * src.shape[1] * p, src.dtype),
+               _work_buffer("out", plan.step * channels * p, src.dtype))
+    _pointwise_chunks(blas.gemm_for(src.dtype), src, np.ascontiguousarray(wmat), trans,
+                      _row_param(bias, channels, 0, src.dtype), plan.step, *buffers, dst)
+    return dst
+
+
+@_compiled_when_gemm
+def _pointwise_chunks(gemm, src, wmat, trans, bias, step, src_buf, dst_buf, dst):
+    """dst = op(wmat) src + bias at every pixel, `step` samples at a time: samples and channels swapped,
+    so that a chunk is one (channels, samples * pixels) matrix and one product. (The channels-last
+    route of the other convolutions, im2col being a copy here, took 1.5-3x as long.)"""
+    n, c_out = dst.shape[0], dst.shape[1]
+    p = dst.shape[2] * dst.shape[3]
+    for n0 in range(0, n, step):
+        nc = min(step, n - n0)
+        a = _output_matrix(src, n0, nc, src_buf)
+        b = _chunk_view(dst_buf, (c_out, nc, p))
+        blas.product(gemm, wmat, trans, a, b.reshape((c_out, nc * p)), 0.0)
+        _swap_back(b, bias, n0, dst.reshape((n, c_out, p)))
+
+
 def conv2d(x, w, stride, padding, dilation, groups, bias=None):
     """See reference.conv2d. Per chunk of samples: im2col, Y_g = cols_g W_g^T (BLAS), + bias while the
     chunk's product is in the cache, into NCHW.
@@ -362,7 +405,8 @@ def conv2d(x, w, stride, padding, dilation, groups, bias=None):
     output rows instead (_conv2d_in_bands), and so do single-channel inputs, whose
     channels-last im2col rows are runs of KW values (3x faster for a 1 -> 32 conv at 32x32);
     a single channel with a 3x3 kernel and stride 1 (an image model's first layer) goes by
-    direct loops (_one_channel_3x3).
+    direct loops (_one_channel_3x3), and 1x1 kernels by one channels-first product per chunk
+    (_pointwise_conv).
     """
     x = np.ascontiguousarray(x)
     plan = _ConvPlan("conv2d", x.shape, w.shape, stride, padding, dilation, groups, x.dtype)
@@ -375,6 +419,8 @@ def conv2d(x, w, stride, padding, dilation, groups, bias=None):
     if _winograd_fits(plan):
         return _winograd_conv2d(x, winograd.weight_tiles(np.asarray(w, x.dtype)), bias, (plan.ph, plan.pw),
                                 (plan.ho, plan.wo), plan)
+    if _pointwise_fits(plan):
+        return _pointwise_conv(x, np.asarray(w, x.dtype).reshape(plan.o, plan.c), False, bias, plan.o, plan)
     wmat_t = np.ascontiguousarray(_weight_matrix(w, x.dtype).T)  # (KH * KW * C/G, O)
     y = np.empty((plan.n, plan.o, plan.ho, plan.wo), x.dtype)
     _conv2d_chunks(blas.gemm_for(x.dtype), x, wmat_t, blas.row_bias(bias, x.dtype), plan.window(), plan.step,
@@ -527,6 +573,8 @@ def conv2d_grad_input(dy, w, x_shape, stride, padding, dilation, groups):
         rotated = np.asarray(w, dy.dtype)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
         return _winograd_conv2d(dy, winograd.weight_tiles(rotated), None, (2 - plan.ph, 2 - plan.pw),
                                 (plan.h, plan.w), plan)
+    if _pointwise_fits(plan):
+        return _pointwise_conv(dy, np.asarray(w, dy.dtype).reshape(plan.o, plan.c), True, None, plan.c, plan)
     dx = np.empty(x_shape, dy.dtype)
     _conv2d_grad_input_chunks(blas.gemm_for(dy.dtype), dy, _weight_matrix(w, dy.dtype), plan.window(), plan.step,
                               *plan.buffers(), dx)

@@ -540,6 +540,38 @@ def test_numba_one_channel_3x3_conv_matches_reference(dtype, n, o, size, padding
     assert_matches(got[1], ref.conv2d_grad_weight(dy, x, w.shape, *args), dtype)
 
 
+@pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, None])
+@given(n=st.integers(1, 5), c=st.integers(1, 6), o=st.integers(1, 6), size=pairs(1, 6), with_bias=st.booleans(),
+       cache_scale=st.integers(1, 12))
+def test_numba_pointwise_conv_matches_reference(dtype, threads, n, c, o, size, with_bias, cache_scale):
+    """1x1 kernels with stride 1 and no padding go by one product per chunk of samples, channels first:
+    forward (+ bias) and input gradient against the reference, on one thread (float32: the compiled loop)
+    and on all; small cache budgets make chunks of one sample up to all, the last one shorter."""
+    import numba
+
+    numba_cpu = load("numba_cpu")
+    x, w = randn(n, c, *size, dtype=dtype), randn(o, c, 1, 1, dtype=dtype, seed=1)
+    bias = randn(o, dtype=dtype, seed=3) if with_bias else None
+    args = (1, 1), (0, 0), (1, 1), 1
+    dy = randn(n, o, *size, dtype=dtype, seed=2)
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads or before)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(numba_cpu, "_CACHE_BYTES", max(c, o) * math.prod(size) * np.dtype(dtype).itemsize * cache_scale)
+            calls = []
+            patch.setattr(numba_cpu, "_pointwise_chunks",
+                          lambda *a, f=numba_cpu._pointwise_chunks: calls.append(1) or f(*a))
+            got = numba_cpu.conv2d(x, w, *args, bias), numba_cpu.conv2d_grad_input(dy, w, x.shape, *args)
+    finally:
+        numba.set_num_threads(before)
+    assert len(calls) == (2 if c > 1 else 1)  # (a one-channel forward goes by bands)
+    assert_matches(got[0], ref.conv2d(x, w, *args, bias), dtype)
+    assert_matches(got[1], ref.conv2d_grad_input(dy, w, x.shape, *args), dtype)
+
+
 def test_winograd_f2_3_in_one_dimension():
     """The 1-D form of the algorithm: A^T [(G g) * (B^T d)] is the correlation of 4 inputs d with a
     3-tap filter g (2 outputs), and the weight tiles' gradient maps back by the adjoint of g -> G g G^T."""
