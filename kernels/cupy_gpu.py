@@ -626,9 +626,27 @@ def _mask_args(mask, dtype):
     return mask, mask.size
 
 
+def _fold_heads(*arrays):
+    """(B, H, S, E) arrays -> contiguous (B * H, S, E): the layout the attention kernels index."""
+    return tuple(cp.ascontiguousarray(a).reshape(-1, *a.shape[2:]) for a in arrays)
+
+
 def attention(q, k, v, mask, scale, is_causal):
-    """out = softmax(scale q k^T + mask) v and lse, via GEMM -> fused masked softmax -> GEMM."""
+    """See reference.attention: the heads folded into the batch, then _attention_folded."""
     _check_float("attention", q, k, v)
+    out, lse = _attention_folded(*_fold_heads(q, k, v), mask, scale, is_causal)
+    return out.reshape(q.shape[:3] + v.shape[3:]), lse.reshape(q.shape[:3])
+
+
+def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
+    """See reference.attention_backward: the heads folded into the batch, then _attention_backward_folded."""
+    lse = cp.ascontiguousarray(lse).reshape(-1, q.shape[2])
+    grads = _attention_backward_folded(*_fold_heads(dout, q, k, v, out), lse, mask, scale, is_causal)
+    return tuple(g.reshape(a.shape) for g, a in zip(grads, (q, k, v)))
+
+
+def _attention_folded(q, k, v, mask, scale, is_causal):
+    """out = softmax(scale q k^T + mask) v and lse for q (B, Sq, D), via GEMM -> fused masked softmax -> GEMM."""
     b, sq, d = q.shape
     sk = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -644,7 +662,7 @@ def attention(q, k, v, mask, scale, is_causal):
     return cp.matmul(scores, v), lse
 
 
-def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
+def _attention_backward_folded(dout, q, k, v, out, lse, mask, scale, is_causal):
     """dv = p^T g, ds = scale * p * (g v^T - delta), dq = ds k, dk = ds^T q (p recomputed from lse)."""
     _, sq, d = q.shape
     sk = k.shape[1]

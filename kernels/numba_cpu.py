@@ -1256,15 +1256,15 @@ def log_softmax_backward(dy, y, axis):
 # A block of scores at a time: S = Q K^T by one batched GEMM into a buffer that
 # stays in cache, a Numba pass turns the scores into probabilities in place
 # (scale, mask, causal, softmax, log-sum-exp), and another GEMM gives P V. The
-# (B, Sq, Sk) probabilities never exist in full; backward recomputes each
-# block's P from the saved lse. A block is a few whole batch items when their
-# scores fit _ATTENTION_CHUNK_BYTES, else a band of queries of one item of up
+# (B, H, Sq, Sk) probabilities never exist in full; backward recomputes each
+# block's P from the saved lse. A block is a few whole (entry, head) items when
+# their scores fit _ATTENTION_CHUNK_BYTES, else a band of queries of one item of up
 # to _ATTENTION_BAND_BYTES (the softmax is per query, so a band needs nothing
 # from the other rows): Stable Diffusion's 4,096 x 4,096 scores per head are
 # 64 MiB, and each pass over them went to memory. Bands of 1-16 MiB ran
 # alike on one thread; the larger made fewer BLAS calls and ran faster on
 # two (smaller bands make BLAS pack all of K and V again for fewer rows).
-# Whole-item blocks run one after another, each BLAS call on all threads;
+# Blocks of items run one after another, each BLAS call on all threads;
 # bands are shared out among the threads (see attention).
 _ATTENTION_CHUNK_BYTES = 1 << 20
 _ATTENTION_BAND_BYTES = 16 << 20
@@ -1394,83 +1394,105 @@ def _exponentials(s, b0, i0, mask, has_mask, scale, is_causal, shift, find_max, 
 
 @njit(cache=True, nogil=True)
 def _divide_rows(out, sums, lse):
-    """out[b, i, :] /= sums[b, i] and lse[b, i] += log(sums[b, i]): the softmax's normalisation, applied
-    to P V instead of P (rows of the head width, not of the key count); a zero sum gives lse = -inf."""
-    chunk, sq, width = out.shape
+    """out[b, h, i, :] /= sums[b, h, i] and lse[b, h, i] += log(sums[b, h, i]): the softmax's normalisation,
+    applied to P V instead of P (rows of the head width, not of the key count); a zero sum gives lse = -inf."""
+    chunk, heads, sq, width = out.shape
     for b in range(chunk):
-        for i in range(sq):
-            total = sums[b, i]
-            if total > 0:
-                inv = out.dtype.type(1.0 / total)
-                for e in range(width):
-                    out[b, i, e] *= inv
-                lse[b, i] += math.log(total)
-            else:
-                lse[b, i] = -np.inf
+        for h in range(heads):
+            for i in range(sq):
+                total = sums[b, h, i]
+                if total > 0:
+                    inv = out.dtype.type(1.0 / total)
+                    for e in range(width):
+                        out[b, h, i, e] *= inv
+                    lse[b, h, i] += math.log(total)
+                else:
+                    lse[b, h, i] = -np.inf
 
 
 @njit(cache=True, fastmath=_FAST)
-def _probabilities_backward(p, dp, b0, i0, dout, out, scale):
-    """In place: dp <- ds = scale * p * (dp - dout . out), row by row of a block."""
+def _probabilities_backward(p, dp, dout, out, scale):
+    """In place: dp <- ds = scale * p * (dp - dout . out), row by row of a block (p, dp: (items, Sq, Sk)
+    with item t = head t % H of entry t // H of dout's and out's (entries, H, Sq, Dv) block)."""
     chunk, sq, sk = p.shape
-    for b in range(chunk):
+    heads = dout.shape[1]
+    for t in range(chunk):
         for i in range(sq):
-            row, grad = p[b, i], dp[b, i]
+            row, grad = p[t, i], dp[t, i]
             row_dot = 0.0
-            for e in range(dout.shape[2]):
-                row_dot += dout[b0 + b, i0 + i, e] * out[b0 + b, i0 + i, e]
+            for e in range(dout.shape[3]):
+                row_dot += dout[t // heads, t % heads, i, e] * out[t // heads, t % heads, i, e]
             d = grad.dtype.type(row_dot)
             for j in range(sk):
                 grad[j] = scale * row[j] * (grad[j] - d)
 
 
 def _attention_mask(mask, dtype):
-    """The (1 or B, Sq, Sk) mask, or a dummy, and whether there is one (one compiled kernel for both)."""
+    """The (1 or B * H, Sq, Sk) mask, or a dummy, and whether there is one (one compiled kernel for both)."""
     if mask is None:
         return np.zeros((1, 1, 1), dtype), False
     return np.ascontiguousarray(mask, dtype), True
 
 
 def _attention_blocks(q, k):
-    """The blocks (b0, b1, i0, i1) of batch items and queries: whole items whose scores fit
-    _ATTENTION_CHUNK_BYTES, else bands of queries of _ATTENTION_BAND_BYTES (at least one row);
-    and the largest block's number of scores."""
-    batch, sq, sk = q.shape[0], q.shape[1], k.shape[1]
-    row_bytes = max(1, sk * q.itemsize)
-    rows = max(1, _ATTENTION_CHUNK_BYTES // row_bytes)  # query rows that fit
-    if rows >= sq:  # whole batch items
-        step = max(1, rows // max(1, sq))
-        return [(b0, min(batch, b0 + step), 0, sq) for b0 in range(0, batch, step)], step * sq * sk
-    rows = min(sq, max(1, _ATTENTION_BAND_BYTES // row_bytes))
-    return [(b, b + 1, i0, min(sq, i0 + rows)) for b in range(batch) for i0 in range(0, sq, rows)], rows * sk
+    """The blocks (b0, b1, h0, h1, i0, i1) of batch entries, heads and queries, and the largest block's
+    number of scores: whole entries (all heads) whose scores fit _ATTENTION_CHUNK_BYTES, else a few
+    heads of one entry, else bands of queries of one head of _ATTENTION_BAND_BYTES (at least one row).
+    A block's items b * H + h are consecutive: the Numba passes index lse and the mask by item."""
+    batch, heads, sq, sk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    items = _ATTENTION_CHUNK_BYTES // max(1, sq * sk * q.itemsize)  # (entry, head) items that fit
+    if items >= heads:
+        step = items // max(1, heads)
+        return [(b0, min(batch, b0 + step), 0, heads, 0, sq) for b0 in range(0, batch, step)], step * heads * sq * sk
+    if items:
+        return [(b, b + 1, h0, min(heads, h0 + items), 0, sq) for b in range(batch)
+                for h0 in range(0, heads, items)], items * sq * sk
+    rows = min(sq, max(1, _ATTENTION_BAND_BYTES // max(1, sk * q.itemsize)))
+    return [(b, b + 1, h, h + 1, i0, min(sq, i0 + rows)) for b in range(batch) for h in range(heads)
+            for i0 in range(0, sq, rows)], rows * sk
+
+
+def _heads_last(shape, dtype):
+    """An uninitialised (B, H, S, E) array whose memory is laid out (B, S, H, E): the layout of a
+    multi-head projection, so merging the heads back ((B, S, H * E)) and, for gradients, the
+    projection's backward need no copy."""
+    b, h, s, e = shape
+    return np.empty((b, s, h, e), dtype).transpose(0, 2, 1, 3)
 
 
 def attention(q, k, v, mask, scale, is_causal):
     """See reference.attention. Per block of scores: S = Q K^T (BLAS), exponentials in place (Numba),
     out = (E V) / row sums (BLAS, then a pass over the small output); lse = m + log(row sum).
 
+    q, k, v may be strided views, as the heads of a projection (B, S, H * D) seen as (B, H, S, D) are:
+    BLAS reads each head's rows with their stride, and out is laid out (B, S, H, Dv) (_heads_last),
+    so neither splitting nor merging the heads copies (20 ms of a UNet sampling step did).
+
     Bands of queries (long sequences) are shared out among threads, each running its blocks
     with single-threaded BLAS and Numba (_in_threads): every block writes its own rows of out
     and lse. At Stable Diffusion's 4,096 tokens (16 heads of 40) this took 0.37 s against
     0.55 s for one block after another with both threads inside each BLAS call and each pass.
     """
-    q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
-    out = np.empty(q.shape[:2] + v.shape[2:], q.dtype)
-    lse = np.empty(q.shape[:2], q.dtype)
+    (_, heads, sq, _), sk = q.shape, k.shape[2]
+    out = _heads_last(q.shape[:3] + v.shape[3:], q.dtype)
+    lse = np.empty(q.shape[:3], q.dtype)
+    item_lse = lse.reshape(-1, sq)  # lse by item b * H + h, as the Numba passes index it
     mask, has_mask = _attention_mask(mask, q.dtype)
     blocks, size = _attention_blocks(q, k)
     scale, is_causal = q.dtype.type(scale), bool(is_causal)
 
     def run(blocks):
-        buffer, sums = np.empty(size, q.dtype), np.empty(size // max(1, k.shape[1]), np.float64)
-        bits = _exp_scratch(_BLOCKS, k.shape[1], q.dtype)
-        for b0, b1, i0, i1 in blocks:
-            s = buffer[: (b1 - b0) * (i1 - i0) * k.shape[1]].reshape(b1 - b0, i1 - i0, k.shape[1])
-            row_sums = sums[: (b1 - b0) * (i1 - i0)].reshape(b1 - b0, i1 - i0)
-            np.matmul(q[b0:b1, i0:i1], k[b0:b1].transpose(0, 2, 1), out=s)
-            _exponentials(s, b0, i0, mask, has_mask, scale, is_causal, lse, True, row_sums, bits)
-            np.matmul(s, v[b0:b1], out=out[b0:b1, i0:i1])
-            _divide_rows(out[b0:b1, i0:i1], row_sums, lse[b0:b1, i0:i1])
+        buffer, sums = np.empty(size, q.dtype), np.empty(size // max(1, sk), np.float64)
+        bits = _exp_scratch(_BLOCKS, sk, q.dtype)
+        for b0, b1, h0, h1, i0, i1 in blocks:
+            shape = (b1 - b0, h1 - h0, i1 - i0)
+            s = buffer[: math.prod(shape) * sk].reshape(shape + (sk,))
+            row_sums = sums[: math.prod(shape)].reshape(shape)
+            np.matmul(q[b0:b1, h0:h1, i0:i1], k[b0:b1, h0:h1].swapaxes(2, 3), out=s)
+            _exponentials(s.reshape(-1, i1 - i0, sk), b0 * heads + h0, i0, mask, has_mask, scale, is_causal,
+                          item_lse, True, row_sums.reshape(-1, i1 - i0), bits)
+            np.matmul(s, v[b0:b1, h0:h1], out=out[b0:b1, h0:h1, i0:i1])
+            _divide_rows(out[b0:b1, h0:h1, i0:i1], row_sums, lse[b0:b1, h0:h1, i0:i1])
 
     if size * q.itemsize > _ATTENTION_CHUNK_BYTES:  # bands of queries
         _in_threads(run, blocks)
@@ -1516,35 +1538,42 @@ def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
     """See reference.attention_backward: each block's probabilities are rebuilt from lse.
 
     A band of queries adds its share to dk and dv (the keys see every band); dq's rows are its own.
+    The inputs may be strided views (see attention); dq, dk and dv are laid out (B, S, H, D).
     """
-    dout, q, k, v, out, lse = (np.ascontiguousarray(a, q.dtype) for a in (dout, q, k, v, out, lse))
+    dout, q, k, v, out = (np.asarray(a, q.dtype) for a in (dout, q, k, v, out))
+    (_, heads, sq, _), sk = q.shape, k.shape[2]
+    item_lse = np.ascontiguousarray(lse, q.dtype).reshape(-1, sq)
     mask, has_mask = _attention_mask(mask, q.dtype)
     blocks, size = _attention_blocks(q, k)
     buffers = np.empty(2 * size, q.dtype)
-    row_sums = np.empty(size // max(1, k.shape[1]), np.float64)  # unused here: the rows sum to 1
-    bits = _exp_scratch(_BLOCKS, k.shape[1], q.dtype)
-    banded = bool(blocks) and blocks[0][3] - blocks[0][2] < q.shape[1]
-    dq, dk, dv = np.empty_like(q), *((np.zeros_like if banded else np.empty_like)(a) for a in (k, v))
-    share = np.empty(k.shape[1:2] + (max(k.shape[2], v.shape[2]),), q.dtype) if banded else None
-    for b0, b1, i0, i1 in blocks:
-        shape = (b1 - b0, i1 - i0, k.shape[1])
-        n = shape[0] * shape[1] * shape[2]
+    row_sums = np.empty(size // max(1, sk), np.float64)  # unused here: the rows sum to 1
+    bits = _exp_scratch(_BLOCKS, sk, q.dtype)
+    banded = bool(blocks) and blocks[0][5] - blocks[0][4] < sq
+    dq, dk, dv = (_heads_last(a.shape, q.dtype) for a in (q, k, v))
+    if banded:
+        dk[:], dv[:] = 0, 0
+    share = np.empty((sk, max(k.shape[3], v.shape[3])), q.dtype) if banded else None
+    for b0, b1, h0, h1, i0, i1 in blocks:
+        shape = (b1 - b0, h1 - h0, i1 - i0, sk)
+        n = math.prod(shape)
         s, dp = buffers[:n].reshape(shape), buffers[size : size + n].reshape(shape)
-        np.matmul(q[b0:b1, i0:i1], k[b0:b1].transpose(0, 2, 1), out=s)
-        np.matmul(dout[b0:b1, i0:i1], v[b0:b1].transpose(0, 2, 1), out=dp)
+        np.matmul(q[b0:b1, h0:h1, i0:i1], k[b0:b1, h0:h1].swapaxes(2, 3), out=s)
+        np.matmul(dout[b0:b1, h0:h1, i0:i1], v[b0:b1, h0:h1].swapaxes(2, 3), out=dp)
         # the probabilities, rebuilt from the saved lse
-        _exponentials(s, b0, i0, mask, has_mask, q.dtype.type(scale), bool(is_causal), lse, False,
-                      row_sums[: shape[0] * shape[1]].reshape(shape[:2]), bits)
-        _probabilities_backward(s, dp, b0, i0, dout, out, q.dtype.type(scale))
-        np.matmul(dp, k[b0:b1], out=dq[b0:b1, i0:i1])
+        items = s.reshape(-1, i1 - i0, sk)
+        _exponentials(items, b0 * heads + h0, i0, mask, has_mask, q.dtype.type(scale), bool(is_causal), item_lse,
+                      False, row_sums[: n // sk].reshape(-1, i1 - i0), bits)
+        _probabilities_backward(items, dp.reshape(items.shape), dout[b0:b1, h0:h1, i0:i1],
+                                out[b0:b1, h0:h1, i0:i1], q.dtype.type(scale))
+        np.matmul(dp, k[b0:b1, h0:h1], out=dq[b0:b1, h0:h1, i0:i1])
         if not banded:
-            np.matmul(s.transpose(0, 2, 1), dout[b0:b1], out=dv[b0:b1])
-            np.matmul(dp.transpose(0, 2, 1), q[b0:b1], out=dk[b0:b1])
+            np.matmul(s.swapaxes(2, 3), dout[b0:b1, h0:h1], out=dv[b0:b1, h0:h1])
+            np.matmul(dp.swapaxes(2, 3), q[b0:b1, h0:h1], out=dk[b0:b1, h0:h1])
             continue
-        for grad, left, right in ((dv, s, dout), (dk, dp, q)):
-            part = share[:, : right.shape[2]]
-            np.matmul(left[0].T, right[b0, i0:i1], out=part)
-            grad[b0] += part
+        for grad, left, right in ((dv, s, dout), (dk, dp, q)):  # one head's band: its share of the keys' grads
+            part = share[:, : right.shape[3]]
+            np.matmul(left[0, 0].T, right[b0, h0, i0:i1], out=part)
+            grad[b0, h0] += part
     return dq, dk, dv
 
 

@@ -348,7 +348,7 @@ def layer_norm_backward(dy, x, mean, rstd, weight):
 # ---- attention ----------------------------------------------------------------
 def attention_bias(mask, sq, sk, is_causal, like):
     """What attention adds to the scores: the additive mask (or 0), and -inf above the
-    diagonal when causal (key j > query i). Shape (1 or B, Sq, Sk), like's dtype."""
+    diagonal when causal (key j > query i). Shape (1 or the mask's batch, Sq, Sk), like's dtype."""
     xp = array_module(like)
     bias = xp.zeros((1, sq, sk), like.dtype) if mask is None else mask
     if is_causal:
@@ -357,10 +357,12 @@ def attention_bias(mask, sq, sk, is_causal, like):
 
 
 def attention_scores(q, k, mask, scale, is_causal):
-    """s = scale * q @ k^T + attention_bias(mask, is_causal)."""
+    """s = scale * q @ k^T + attention_bias(mask, is_causal), (B, H, Sq, Sk): a (B * H)-batch mask is
+    indexed by b * H + h."""
     xp = array_module(q)
-    s = scale * xp.matmul(q, k.transpose(0, 2, 1))
-    return s + attention_bias(mask, s.shape[-2], s.shape[-1], is_causal, q)
+    s = scale * xp.matmul(q, xp.swapaxes(k, -1, -2))
+    bias = attention_bias(mask, s.shape[-2], s.shape[-1], is_causal, q)
+    return s + (bias if bias.shape[0] == 1 else bias.reshape(s.shape))
 
 
 def _probabilities(s, lse):
@@ -372,9 +374,10 @@ def _probabilities(s, lse):
 def attention(q, k, v, mask, scale, is_causal):
     """Scaled dot-product attention: out = softmax(s) @ v with s = scale q k^T + mask.
 
-    q (B, Sq, D), k (B, Sk, D), v (B, Sk, Dv) -> out (B, Sq, Dv) and
-    lse (B, Sq) = log sum_j exp(s_ij), which is all backward needs to rebuild the
-    probabilities p_ij = exp(s_ij - lse_i). A query that sees no key outputs 0.
+    q (B, H, Sq, D), k (B, H, Sk, D), v (B, H, Sk, Dv): batch entries of H heads each, any strides;
+    mask (1 or B * H, Sq, Sk), or None. -> out (B, H, Sq, Dv) and lse (B, H, Sq) = log sum_j exp(s_ij),
+    which is all backward needs to rebuild the probabilities p_ij = exp(s_ij - lse_i). A query that
+    sees no key outputs 0.
     """
     xp = array_module(q)
     s = attention_scores(q, k, mask, scale, is_causal)
@@ -392,11 +395,11 @@ def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
     """
     xp = array_module(q)
     p = _probabilities(attention_scores(q, k, mask, scale, is_causal), lse)
-    dv = xp.matmul(p.transpose(0, 2, 1), dout)
-    dp = xp.matmul(dout, v.transpose(0, 2, 1))
+    dv = xp.matmul(xp.swapaxes(p, -1, -2), dout)
+    dp = xp.matmul(dout, xp.swapaxes(v, -1, -2))
     ds = p * (dp - (dout * out).sum(axis=-1, keepdims=True))
     dq = scale * xp.matmul(ds, k)
-    dk = scale * xp.matmul(ds.transpose(0, 2, 1), q)
+    dk = scale * xp.matmul(xp.swapaxes(ds, -1, -2), q)
     return dq.astype(q.dtype, copy=False), dk.astype(q.dtype, copy=False), dv
 
 

@@ -147,8 +147,9 @@ def softmax_calls(rng):
 
 def attention_calls(rng):
     for sq, sk, is_causal, masked in ((3, 5, False, False), (4, 4, True, False), (3, 6, False, True)):
-        q, k, v = randn(rng, 2, sq, 4), randn(rng, 2, sk, 4), randn(rng, 2, sk, 3)
-        mask = np.where(rng.random((2, sq, sk)) < 0.3, -np.inf, 0.0) if masked else None
+        q = randn(rng, 2, sq, 2, 4).transpose(0, 2, 1, 3)  # (B, H, S, D) heads of a projection: a view
+        k, v = randn(rng, 2, 2, sk, 4), randn(rng, 2, 2, sk, 3)
+        mask = np.where(rng.random((4, sq, sk)) < 0.3, -np.inf, 0.0) if masked else None
         if masked:
             mask[:, :, 0] = 0.0
         out, lse = ref.attention(q, k, v, mask, 0.5, is_causal)

@@ -238,16 +238,21 @@ def test_reference_layer_norm_formula_and_gradients(m, d, affine):
 
 @st.composite
 def attention_configs(draw):
-    b, sq, sk, d, dv = (draw(st.integers(1, n)) for n in (2, 5, 5, 4, 4))
+    b, h, sq, sk, d, dv = (draw(st.integers(1, n)) for n in (2, 3, 5, 5, 4, 4))
     mask_kind = draw(st.sampled_from(["none", "additive", "boolean-like"]))
-    return dict(b=b, sq=sq, sk=sk, d=d, dv=dv, mask_kind=mask_kind, is_causal=draw(st.booleans()),
-                mask_batch=draw(st.sampled_from([1, b])))
+    return dict(b=b, h=h, sq=sq, sk=sk, d=d, dv=dv, mask_kind=mask_kind, is_causal=draw(st.booleans()),
+                mask_batch=draw(st.sampled_from([1, b * h])), heads_last=draw(st.booleans()))
 
 
 def attention_inputs(cfg, dtype=np.float64):
-    q = randn(cfg["b"], cfg["sq"], cfg["d"], dtype=dtype)
-    k = randn(cfg["b"], cfg["sk"], cfg["d"], dtype=dtype, seed=1)
-    v = randn(cfg["b"], cfg["sk"], cfg["dv"], dtype=dtype, seed=2)
+    """q (B, H, Sq, D), k, v; with heads_last, views of (B, S, H, E) arrays (a projection's heads); a mask
+    of (1 or B * H) items, item b * H + h for head h of entry b."""
+    def heads(s, e, seed):
+        if cfg.get("heads_last"):
+            return randn(cfg["b"], s, cfg["h"], e, dtype=dtype, seed=seed).transpose(0, 2, 1, 3)
+        return randn(cfg["b"], cfg["h"], s, e, dtype=dtype, seed=seed)
+
+    q, k, v = heads(cfg["sq"], cfg["d"], 0), heads(cfg["sk"], cfg["d"], 1), heads(cfg["sk"], cfg["dv"], 2)
     mask = None
     shape = (cfg["mask_batch"], cfg["sq"], cfg["sk"])
     if cfg["mask_kind"] == "additive":
@@ -263,15 +268,16 @@ def attention_inputs(cfg, dtype=np.float64):
 def test_reference_attention_matches_softmax_formula(cfg):
     q, k, v, mask, scale = attention_inputs(cfg)
     out, lse = ref.attention(q, k, v, mask, scale, cfg["is_causal"])
-    for b, i in np.ndindex(cfg["b"], cfg["sq"]):
-        s = np.array([scale * q[b, i] @ k[b, j] for j in range(cfg["sk"])])
+    for b, h, i in np.ndindex(cfg["b"], cfg["h"], cfg["sq"]):
+        s = np.array([scale * q[b, h, i] @ k[b, h, j] for j in range(cfg["sk"])])
         if mask is not None:
-            s = s + mask[min(b, mask.shape[0] - 1), i]
+            s = s + mask[0 if mask.shape[0] == 1 else b * cfg["h"] + h, i]
         if cfg["is_causal"]:
             s[i + 1:] = -np.inf  # top-left aligned tril(ones(Sq, Sk))
         p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
-        np.testing.assert_allclose(out[b, i], p @ v[b], atol=1e-12)
-        assert math.isclose(lse[b, i], s.max() + math.log(np.exp(s - s.max()).sum()), rel_tol=1e-12, abs_tol=1e-12)
+        np.testing.assert_allclose(out[b, h, i], p @ v[b, h], atol=1e-12)
+        assert math.isclose(lse[b, h, i], s.max() + math.log(np.exp(s - s.max()).sum()), rel_tol=1e-12,
+                            abs_tol=1e-12)
 
 
 @given(attention_configs())
@@ -285,13 +291,13 @@ def test_reference_attention_backward_matches_finite_differences(cfg):
 
 
 def test_reference_attention_fully_masked_row_outputs_zero():
-    q, k, v = randn(1, 2, 3), randn(1, 4, 3, seed=1), randn(1, 4, 2, seed=2)
+    q, k, v = randn(1, 1, 2, 3), randn(1, 1, 4, 3, seed=1), randn(1, 1, 4, 2, seed=2)
     mask = np.zeros((1, 2, 4))
     mask[0, 1] = -np.inf
     out, lse = ref.attention(q, k, v, mask, 0.5, False)
-    assert np.all(out[0, 1] == 0) and lse[0, 1] == -np.inf and np.all(np.isfinite(out[0, 0]))
+    assert np.all(out[0, 0, 1] == 0) and lse[0, 0, 1] == -np.inf and np.all(np.isfinite(out[0, 0, 0]))
     dq, dk, dv = ref.attention_backward(np.ones_like(out), q, k, v, out, lse, mask, 0.5, False)
-    assert np.all(dq[0, 1] == 0) and np.all(np.isfinite(dk)) and np.all(np.isfinite(dv))
+    assert np.all(dq[0, 0, 1] == 0) and np.all(np.isfinite(dk)) and np.all(np.isfinite(dv))
 
 
 @given(st.integers(1, 4), st.integers(1, 5), st.sampled_from([0, 1, -1]))
@@ -686,13 +692,14 @@ def test_attention_matches_reference(kb, dtype, cfg):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_fully_masked_row_matches_reference(kb, dtype):
-    q, k, v = randn(2, 3, 4, dtype=dtype), randn(2, 5, 4, dtype=dtype, seed=1), randn(2, 5, 2, dtype=dtype, seed=2)
+    q = randn(1, 2, 3, 4, dtype=dtype)
+    k, v = randn(1, 2, 5, 4, dtype=dtype, seed=1), randn(1, 2, 5, 2, dtype=dtype, seed=2)
     mask = np.zeros((2, 3, 5), dtype)
-    mask[1, 2] = -np.inf  # query 2 of batch item 1 sees no key
+    mask[1, 2] = -np.inf  # query 2 of head 1 sees no key
     out, lse = kb.attention(kb.put(q), kb.put(k), kb.put(v), kb.put(mask), 0.5, False)
     out_ref, lse_ref = ref.attention(q, k, v, mask, 0.5, False)
     assert_matches(out, out_ref, dtype)
-    assert kb.get(lse)[1, 2] == -np.inf
+    assert kb.get(lse)[0, 1, 2] == -np.inf
     dout = randn(*out_ref.shape, dtype=dtype, seed=3)
     got = kb.attention_backward(kb.put(dout), kb.put(q), kb.put(k), kb.put(v), out, lse, kb.put(mask), 0.5, False)
     for g, e in zip(got, ref.attention_backward(dout, q, k, v, out_ref, lse_ref, mask, 0.5, False)):
@@ -778,21 +785,32 @@ def test_numba_vectorised_exp_matches_numpy(dtype):
 
 @pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mask_kind, is_causal, mask_batch", [("none", False, 1), ("additive", True, 2),
-                                                               ("boolean-like", False, 1), ("boolean-like", True, 2)])
-def test_numba_attention_in_bands_of_queries_matches_reference(monkeypatch, dtype, mask_kind, is_causal, mask_batch):
-    """Long sequences: scores too large for one block go a band of queries at a time (dk, dv summed over
-    the bands), and rows from _LONG_ROW keys take their maxima from NumPy. Both forced on small arrays here."""
+@pytest.mark.parametrize("split", ["bands", "heads"])
+@pytest.mark.parametrize("mask_kind, is_causal, per_item_mask", [("none", False, False), ("additive", True, True),
+                                                                  ("boolean-like", False, False),
+                                                                  ("boolean-like", True, True)])
+def test_numba_attention_in_bands_of_queries_matches_reference(monkeypatch, dtype, split, mask_kind, is_causal,
+                                                               per_item_mask):
+    """Long sequences: when one (entry, head) item's scores outgrow the chunk, a block is a band of queries of
+    one head (dk, dv summed over the bands); when a few items fit, it is a few heads of one entry. Rows from
+    _LONG_ROW keys take their maxima from NumPy. All forced on small arrays here."""
     numba_cpu = load("numba_cpu")
-    cfg = dict(b=2, sq=7, sk=6, d=3, dv=2, mask_kind=mask_kind, is_causal=is_causal, mask_batch=mask_batch)
+    cfg = dict(b=2, h=3, sq=7, sk=6, d=3, dv=2, mask_kind=mask_kind, is_causal=is_causal,
+               mask_batch=6 if per_item_mask else 1, heads_last=True)
     q, k, v, mask, scale = attention_inputs(cfg, dtype)
     if mask is not None:
         mask[-1, 4] = -np.inf  # a query that sees no key, in the second band
-    monkeypatch.setattr(numba_cpu, "_ATTENTION_CHUNK_BYTES", 2 * cfg["sk"] * np.dtype(dtype).itemsize)
-    monkeypatch.setattr(numba_cpu, "_ATTENTION_BAND_BYTES", 3 * cfg["sk"] * np.dtype(dtype).itemsize)
+    row_bytes = cfg["sk"] * np.dtype(dtype).itemsize
+    chunk_rows = 2 * cfg["sq"] if split == "heads" else 2  # two whole items, or two rows
+    monkeypatch.setattr(numba_cpu, "_ATTENTION_CHUNK_BYTES", chunk_rows * row_bytes)
+    monkeypatch.setattr(numba_cpu, "_ATTENTION_BAND_BYTES", 3 * row_bytes)
     monkeypatch.setattr(numba_cpu, "_LONG_ROW", 1)
     blocks, _ = numba_cpu._attention_blocks(q, k)
-    assert blocks[:3] == [(0, 1, 0, 3), (0, 1, 3, 6), (0, 1, 6, 7)] and len(blocks) == 6
+    if split == "heads":
+        assert blocks == [(0, 1, 0, 2, 0, 7), (0, 1, 2, 3, 0, 7), (1, 2, 0, 2, 0, 7), (1, 2, 2, 3, 0, 7)]
+    else:
+        assert blocks[:4] == [(0, 1, 0, 1, 0, 3), (0, 1, 0, 1, 3, 6), (0, 1, 0, 1, 6, 7), (0, 1, 1, 2, 0, 3)]
+        assert len(blocks) == 2 * 3 * 3
     out, lse = numba_cpu.attention(q, k, v, mask, scale, is_causal)
     out_ref, lse_ref = ref.attention(q, k, v, mask, scale, is_causal)
     assert_matches(out, out_ref, dtype)

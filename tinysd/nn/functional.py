@@ -489,7 +489,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 class AttentionFunction(Function):
-    """out = softmax(scale * q k^T + mask) v, for q (B, Sq, D), k (B, Sk, D), v (B, Sk, Dv).
+    """out = softmax(scale * q k^T + mask) v, for q (B, H, Sq, D), k (B, H, Sk, D), v (B, H, Sk, Dv).
 
     Fused: forward keeps only out and lse = logsumexp of the scores per query (not the
     (B, Sq, Sk) probabilities), backward recomputes them. See kernels.reference.attention,
@@ -518,7 +518,8 @@ def _broadcasts_to(shape, target):
 
 def _additive_mask(attn_mask, batch, sq, sk, like):
     """attn_mask (bool: True = attend, or additive float), broadcastable to batch + (Sq, Sk),
-    -> the kernel's additive mask of shape (1, Sq, Sk) or (B, Sq, Sk), or None."""
+    -> the kernel's additive mask of shape (1, Sq, Sk) or (B, Sq, Sk) (B: the product of the batch
+    dims, in their order), or None."""
     op = "scaled_dot_product_attention"
     if attn_mask is None:
         return None
@@ -554,17 +555,22 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     batch = _check_attention_args(query, key, value, dropout_p)
     (sq, d), sk, dv = query.shape[-2:], key.shape[-2], value.shape[-1]
 
-    def as_batch(t):
-        """(..., S, E) -> (B, S, E), B the product of the broadcast leading dims."""
+    entries, heads = (math.prod(batch[:-1]), batch[-1]) if len(batch) >= 2 else (math.prod(batch), 1)
+
+    def as_heads(t):
+        """(..., S, E) -> (B, H, S, E): H the last of two or more broadcast leading dims (else 1), B the
+        product of the others. A (B, H, S, E) input stays as it is, however strided: the heads of a
+        projection, transposed, reach the kernels as a view."""
         if t.shape[:-2] != batch:
             t = t.expand(*batch, *t.shape[-2:])
-        return t.reshape(-1, *t.shape[-2:])
+        return t.reshape(entries, heads, *t.shape[-2:])
 
-    q, k, v = as_batch(query), as_batch(key), as_batch(value)
+    q, k, v = as_heads(query), as_heads(key), as_heads(value)
     mask = _additive_mask(attn_mask, batch, sq, sk, query.data)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if dropout_p:
-        out = _attention_with_dropout(q, k, v, mask, scale, bool(is_causal), dropout_p)
+        items = [t.reshape(-1, *t.shape[-2:]) for t in (q, k, v)]  # (B * H, S, E)
+        out = _attention_with_dropout(*items, mask, scale, bool(is_causal), dropout_p)
     else:
         out = AttentionFunction.apply(q, k, v, mask=mask, scale=scale, is_causal=bool(is_causal))
     return out.reshape(*batch, sq, dv)
