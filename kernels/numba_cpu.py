@@ -1635,11 +1635,11 @@ def _gelu_erf_run(backward, x, dy, out, e, bits, value):
         for c in _ERFC_FIT[8::-1]:
             p = p * tt + t(c)
         e[j] = p - z * z
+        out[j] = t(0.5) * tt  # kept for the next pass (a second division cost 20%)
     _exp_into(e, 0.0, e, x.size, bits)
     for j in range(x.size):
         v = x[j]
-        z = abs(v) * t(_INV_SQRT_2)
-        half_erfc = t(0.5) * e[j] / (t(1.0) + t(0.5) * z)  # erfc(z) / 2 = t exp(P(t) - z^2) / 2
+        half_erfc = out[j] * e[j]  # erfc(z) / 2 = t exp(P(t) - z^2) / 2
         cdf = t(1.0) - half_erfc if v >= 0 else half_erfc
         out[j] = cdf if backward else v * cdf
     if backward:  # dy (Phi + x phi), phi(x) = exp(-x^2 / 2) / sqrt(2 pi); out holds Phi
