@@ -67,6 +67,7 @@ def conv_calls(rng, dtype=np.float64):
         ((5, 2, 3, 3), (2, 2, 1, 1), (1, 1), (0, 0), (1, 1), 1),  # chunks of 3 samples: the last one short
         ((2, 1, 5, 6), (3, 1, 3, 3), (1, 1), (1, 2), (1, 1), 1),  # one channel, 3x3: direct loops
         ((3, 1, 4, 3), (2, 1, 3, 3), (1, 1), (0, 1), (1, 1), 1),
+        ((2, 3, 5, 4), (4, 3, 3, 3), (1, 1), (2, 1), (1, 1), 1),  # few channels, 3x3: direct loops (width limit off)
     ]:
         x, w = randn(rng, *x_shape, dtype=dtype), randn(rng, *w_shape, dtype=dtype)
         args = stride, padding, dilation, groups
@@ -78,6 +79,8 @@ def conv_calls(rng, dtype=np.float64):
         yield "conv2d (bands of rows)", lambda m: small_budgets(m, "_CACHE_BYTES", "_BAND_BYTES")(
             lambda: m.conv2d(x, w, *args, bias))
         yield "conv2d_grad_input", lambda m: m.conv2d_grad_input(dy, w, x.shape, *args)
+        yield "conv2d + grad_input (direct 3x3, any width)", lambda m: small_budgets(m, "_DIRECT_MIN_WIDTH")(
+            lambda: (m.conv2d(x, w, *args, bias), m.conv2d_grad_input(dy, w, x.shape, *args)))
         yield "conv2d_grad_weight", lambda m: m.conv2d_grad_weight(dy, x, w.shape, *args)
         wt = randn(rng, w_shape[0], w_shape[1], *w_shape[2:], dtype=dtype)
         yield "conv_transpose2d", lambda m: m.conv_transpose2d(dy, wt, stride, padding, (0, 0), dilation, groups)

@@ -508,6 +508,7 @@ def test_numba_winograd_conv2d_matches_reference(dtype, threads, cfg, cache_scal
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(numba_cpu, "_WINOGRAD_MIN_CHANNELS", 1)  # small problems: quick tests of the same path
             patch.setattr(numba_cpu, "_WINOGRAD_MIN_PRODUCT", 1)
+            patch.setattr(numba_cpu, "_direct_3x3_fits", lambda c, o, width: False)  # (one output channel: dx)
             (_, _, ho, wo), c = conv_out(cfg), cfg["x_shape"][1]  # at least one sample's im2col matrix: no bands
             patch.setattr(numba_cpu, "_CACHE_BYTES", ho * wo * 9 * c * np.dtype(dtype).itemsize * cache_scale)
             calls = []
@@ -526,24 +527,33 @@ def test_numba_winograd_conv2d_matches_reference(dtype, threads, cfg, cache_scal
 
 @pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
 @pytest.mark.parametrize("dtype", DTYPES)
-@given(n=st.integers(1, 3), o=st.integers(1, 5), size=pairs(1, 9), padding=pairs(0, 2), with_bias=st.booleans())
-def test_numba_one_channel_3x3_conv_matches_reference(dtype, n, o, size, padding, with_bias):
-    """A single input channel, 3x3, stride 1 (an image model's first layer) goes by direct loops over the
-    padded plane: forward (+ bias) and weight gradient against the reference."""
+@given(n=st.integers(1, 3), c=st.sampled_from([1, 1, 2, 3, 4]), o=st.integers(1, 6), size=pairs(1, 9),
+       padding=pairs(0, 2), with_bias=st.booleans())
+def test_numba_direct_3x3_conv_matches_reference(dtype, n, c, o, size, padding, with_bias):
+    """3x3, stride 1, with one input channel (an image model's first layer) or an even number of outputs
+    and few channels (width limit lifted here) goes by direct loops over the padded input: forward (+ bias)
+    and input gradient (whose own input channels are O) against the reference; the one-channel weight
+    gradient too."""
     numba_cpu = load("numba_cpu")
     size = tuple(max(s, 3 - 2 * p) for s, p in zip(size, padding))  # the kernel fits the padded input
-    x, w = randn(n, 1, *size, dtype=dtype), randn(o, 1, 3, 3, dtype=dtype, seed=1)
+    x, w = randn(n, c, *size, dtype=dtype), randn(o, c, 3, 3, dtype=dtype, seed=1)
     bias = randn(o, dtype=dtype, seed=3) if with_bias else None
     args = (1, 1), padding, (1, 1), 1
     dy = randn(*ref.conv2d(x, w, *args).shape, dtype=dtype, seed=2)
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_cpu, "_DIRECT_MIN_WIDTH", 1)
         calls = []
-        for kernel in ("_one_channel_3x3", "_one_channel_3x3_grad_weight"):
-            patch.setattr(numba_cpu, kernel, lambda *a, f=getattr(numba_cpu, kernel): calls.append(1) or f(*a))
-        got = numba_cpu.conv2d(x, w, *args, bias), numba_cpu.conv2d_grad_weight(dy, x, w.shape, *args)
-    assert len(calls) == 2
-    assert_matches(got[0], ref.conv2d(x, w, *args, bias), dtype)
-    assert_matches(got[1], ref.conv2d_grad_weight(dy, x, w.shape, *args), dtype)
+        for kernel in ("_one_channel_3x3", "_direct_3x3", "_one_channel_3x3_grad_weight"):
+            patch.setattr(numba_cpu, kernel, lambda *a, f=getattr(numba_cpu, kernel), k=kernel: calls.append(k) or f(*a))
+        got = (numba_cpu.conv2d(x, w, *args, bias), numba_cpu.conv2d_grad_input(dy, w, x.shape, *args),
+               numba_cpu.conv2d_grad_weight(dy, x, w.shape, *args))
+    direct = lambda cin, cout: "_one_channel_3x3" if cin == 1 else "_direct_3x3" if cout % 2 == 0 else None  # noqa: E731
+    expected_calls = [direct(c, o), direct(o, c), "_one_channel_3x3_grad_weight" if c == 1 else None]
+    assert calls == [k for k in expected_calls if k]
+    expected = (ref.conv2d(x, w, *args, bias), ref.conv2d_grad_input(dy, w, x.shape, *args),
+                ref.conv2d_grad_weight(dy, x, w.shape, *args))
+    for g, e in zip(got, expected):
+        assert_matches(g, e, dtype)
 
 
 @pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
