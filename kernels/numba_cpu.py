@@ -1449,35 +1449,36 @@ def _exponentials(s, b0, i0, mask, has_mask, scale, is_causal, shift, find_max, 
 
 
 @njit(cache=True, nogil=True)
-def _divide_rows(out, sums, lse):
-    """out[b, h, i, :] /= sums[b, h, i] and lse[b, h, i] += log(sums[b, h, i]): the softmax's normalisation,
-    applied to P V instead of P (rows of the head width, not of the key count); a zero sum gives lse = -inf."""
-    chunk, heads, sq, width = out.shape
+def _divide_rows(out, sums, lse, b0, h0, i0):
+    """out[b0 + b, h0 + h, i0 + i, :] /= sums[b, h, i] and lse[...] += log(sums[b, h, i]) over a block: the
+    softmax's normalisation, applied to P V instead of P (rows of the head width, not of the key count);
+    a zero sum gives lse = -inf. (Whole arrays and offsets: a contiguous out compiles as such.)"""
+    chunk, heads, sq = sums.shape
     for b in range(chunk):
         for h in range(heads):
             for i in range(sq):
                 total = sums[b, h, i]
                 if total > 0:
                     inv = out.dtype.type(1.0 / total)
-                    for e in range(width):
-                        out[b, h, i, e] *= inv
-                    lse[b, h, i] += math.log(total)
+                    for e in range(out.shape[3]):
+                        out[b0 + b, h0 + h, i0 + i, e] *= inv
+                    lse[b0 + b, h0 + h, i0 + i] += math.log(total)
                 else:
-                    lse[b, h, i] = -np.inf
+                    lse[b0 + b, h0 + h, i0 + i] = -np.inf
 
 
 @njit(cache=True, fastmath=_FAST)
-def _probabilities_backward(p, dp, dout, out, scale):
-    """In place: dp <- ds = scale * p * (dp - dout . out), row by row of a block (p, dp: (items, Sq, Sk)
-    with item t = head t % H of entry t // H of dout's and out's (entries, H, Sq, Dv) block)."""
+def _probabilities_backward(p, dp, dout, out, b0, h0, i0, heads, scale):
+    """In place: dp <- ds = scale * p * (dp - dout . out), row by row of a block: p, dp (items, Sq, Sk),
+    item t the head h0 + t % heads of entry b0 + t // heads, queries from i0, in dout and out (B, H, Sq, Dv)."""
     chunk, sq, sk = p.shape
-    heads = dout.shape[1]
     for t in range(chunk):
+        b, h = b0 + t // heads, h0 + t % heads
         for i in range(sq):
             row, grad = p[t, i], dp[t, i]
             row_dot = 0.0
             for e in range(dout.shape[3]):
-                row_dot += dout[t // heads, t % heads, i, e] * out[t // heads, t % heads, i, e]
+                row_dot += dout[b, h, i0 + i, e] * out[b, h, i0 + i, e]
             d = grad.dtype.type(row_dot)
             for j in range(sk):
                 grad[j] = scale * row[j] * (grad[j] - d)
@@ -1508,12 +1509,14 @@ def _attention_blocks(q, k):
             for i0 in range(0, sq, rows)], rows * sk
 
 
-def _heads_last(shape, dtype):
-    """An uninitialised (B, H, S, E) array whose memory is laid out (B, S, H, E): the layout of a
-    multi-head projection, so merging the heads back ((B, S, H * E)) and, for gradients, the
-    projection's backward need no copy."""
+def _empty_laid_out_as(a, shape):
+    """An uninitialised (B, H, S, E) array laid out as a is: (B, S, H, E) in memory when a is the heads
+    of a projection seen as (B, H, S, E), so that merging the heads back ((B, S, H * E)) and, for
+    gradients, the projection's backward need no copy; else C-contiguous."""
     b, h, s, e = shape
-    return np.empty((b, s, h, e), dtype).transpose(0, 2, 1, 3)
+    if h > 1 and a.strides[1] < a.strides[2]:
+        return np.empty((b, s, h, e), a.dtype).transpose(0, 2, 1, 3)
+    return np.empty(shape, a.dtype)
 
 
 def attention(q, k, v, mask, scale, is_causal):
@@ -1521,7 +1524,7 @@ def attention(q, k, v, mask, scale, is_causal):
     out = (E V) / row sums (BLAS, then a pass over the small output); lse = m + log(row sum).
 
     q, k, v may be strided views, as the heads of a projection (B, S, H * D) seen as (B, H, S, D) are:
-    BLAS reads each head's rows with their stride, and out is laid out (B, S, H, Dv) (_heads_last),
+    BLAS reads each head's rows with their stride, and out is laid out as q is (_empty_laid_out_as),
     so neither splitting nor merging the heads copies (20 ms of a UNet sampling step did).
 
     Bands of queries (long sequences) are shared out among threads, each running its blocks
@@ -1530,7 +1533,7 @@ def attention(q, k, v, mask, scale, is_causal):
     0.55 s for one block after another with both threads inside each BLAS call and each pass.
     """
     (_, heads, sq, _), sk = q.shape, k.shape[2]
-    out = _heads_last(q.shape[:3] + v.shape[3:], q.dtype)
+    out = _empty_laid_out_as(q, q.shape[:3] + v.shape[3:])
     lse = np.empty(q.shape[:3], q.dtype)
     item_lse = lse.reshape(-1, sq)  # lse by item b * H + h, as the Numba passes index it
     mask, has_mask = _attention_mask(mask, q.dtype)
@@ -1548,7 +1551,7 @@ def attention(q, k, v, mask, scale, is_causal):
             _exponentials(s.reshape(-1, i1 - i0, sk), b0 * heads + h0, i0, mask, has_mask, scale, is_causal,
                           item_lse, True, row_sums.reshape(-1, i1 - i0), bits)
             np.matmul(s, v[b0:b1, h0:h1], out=out[b0:b1, h0:h1, i0:i1])
-            _divide_rows(out[b0:b1, h0:h1, i0:i1], row_sums, lse[b0:b1, h0:h1, i0:i1])
+            _divide_rows(out, row_sums, lse, b0, h0, i0)
 
     if size * q.itemsize > _ATTENTION_CHUNK_BYTES:  # bands of queries
         _in_threads(run, blocks)
@@ -1594,7 +1597,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
     """See reference.attention_backward: each block's probabilities are rebuilt from lse.
 
     A band of queries adds its share to dk and dv (the keys see every band); dq's rows are its own.
-    The inputs may be strided views (see attention); dq, dk and dv are laid out (B, S, H, D).
+    The inputs may be strided views (see attention); dq, dk and dv are laid out as q, k and v are.
     """
     dout, q, k, v, out = (np.asarray(a, q.dtype) for a in (dout, q, k, v, out))
     (_, heads, sq, _), sk = q.shape, k.shape[2]
@@ -1605,7 +1608,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
     row_sums = np.empty(size // max(1, sk), np.float64)  # unused here: the rows sum to 1
     bits = _exp_scratch(_BLOCKS, sk, q.dtype)
     banded = bool(blocks) and blocks[0][5] - blocks[0][4] < sq
-    dq, dk, dv = (_heads_last(a.shape, q.dtype) for a in (q, k, v))
+    dq, dk, dv = (_empty_laid_out_as(a, a.shape) for a in (q, k, v))
     if banded:
         dk[:], dv[:] = 0, 0
     share = np.empty((sk, max(k.shape[3], v.shape[3])), q.dtype) if banded else None
@@ -1619,8 +1622,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
         items = s.reshape(-1, i1 - i0, sk)
         _exponentials(items, b0 * heads + h0, i0, mask, has_mask, q.dtype.type(scale), bool(is_causal), item_lse,
                       False, row_sums[: n // sk].reshape(-1, i1 - i0), bits)
-        _probabilities_backward(items, dp.reshape(items.shape), dout[b0:b1, h0:h1, i0:i1],
-                                out[b0:b1, h0:h1, i0:i1], q.dtype.type(scale))
+        _probabilities_backward(items, dp.reshape(items.shape), dout, out, b0, h0, i0, h1 - h0, q.dtype.type(scale))
         np.matmul(dp, k[b0:b1, h0:h1], out=dq[b0:b1, h0:h1, i0:i1])
         if not banded:
             np.matmul(s.swapaxes(2, 3), dout[b0:b1, h0:h1], out=dv[b0:b1, h0:h1])

@@ -476,6 +476,12 @@ def test_numba_conv_chunk_loops_on_one_thread_match_reference(dtype, cfg, cache_
         assert_matches(g, e, dtype)
 
 
+def conv_and_gradients(m, x, w, dy, args, bias):
+    """conv2d(x, w) + bias, its input gradient and its weight gradient (for dy) by the kernel module m."""
+    return (m.conv2d(x, w, *args, bias), m.conv2d_grad_input(dy, w, x.shape, *args),
+            m.conv2d_grad_weight(dy, x, w.shape, *args))
+
+
 @st.composite
 def winograd_configs(draw):
     """A 3x3, stride-1 conv2d problem of any size, padding 0 to 3 (3: more than F(2x2, 3x3)'s path takes)."""
@@ -514,14 +520,11 @@ def test_numba_winograd_conv2d_matches_reference(dtype, threads, cfg, cache_scal
             calls = []
             for loop in ("_winograd_chunks", "_winograd_grad_weight_chunks"):
                 patch.setattr(numba_cpu, loop, lambda *a, f=getattr(numba_cpu, loop): calls.append(1) or f(*a))
-            got = (numba_cpu.conv2d(x, w, *args, bias), numba_cpu.conv2d_grad_input(dy, w, x.shape, *args),
-                   numba_cpu.conv2d_grad_weight(dy, x, w.shape, *args))
+            got = conv_and_gradients(numba_cpu, x, w, dy, args, bias)
     finally:
         numba.set_num_threads(before)
     assert len(calls) == (3 if max(cfg["padding"]) <= 2 else 0)
-    expected = (ref.conv2d(x, w, *args, bias), ref.conv2d_grad_input(dy, w, x.shape, *args),
-                ref.conv2d_grad_weight(dy, x, w.shape, *args))
-    for g, e in zip(got, expected):
+    for g, e in zip(got, conv_and_gradients(ref, x, w, dy, args, bias)):
         assert_matches(g, e, dtype)
 
 
@@ -545,14 +548,11 @@ def test_numba_direct_3x3_conv_matches_reference(dtype, n, c, o, size, padding, 
         calls = []
         for kernel in ("_one_channel_3x3", "_direct_3x3", "_one_channel_3x3_grad_weight"):
             patch.setattr(numba_cpu, kernel, lambda *a, f=getattr(numba_cpu, kernel), k=kernel: calls.append(k) or f(*a))
-        got = (numba_cpu.conv2d(x, w, *args, bias), numba_cpu.conv2d_grad_input(dy, w, x.shape, *args),
-               numba_cpu.conv2d_grad_weight(dy, x, w.shape, *args))
+        got = conv_and_gradients(numba_cpu, x, w, dy, args, bias)
     direct = lambda cin, cout: "_one_channel_3x3" if cin == 1 else "_direct_3x3" if cout % 2 == 0 else None  # noqa: E731
     expected_calls = [direct(c, o), direct(o, c), "_one_channel_3x3_grad_weight" if c == 1 else None]
     assert calls == [k for k in expected_calls if k]
-    expected = (ref.conv2d(x, w, *args, bias), ref.conv2d_grad_input(dy, w, x.shape, *args),
-                ref.conv2d_grad_weight(dy, x, w.shape, *args))
-    for g, e in zip(got, expected):
+    for g, e in zip(got, conv_and_gradients(ref, x, w, dy, args, bias)):
         assert_matches(g, e, dtype)
 
 
