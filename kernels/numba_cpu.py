@@ -1499,7 +1499,7 @@ def _attention_blocks(q, k):
     batch, heads, sq, sk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     items = _ATTENTION_CHUNK_BYTES // max(1, sq * sk * q.itemsize)  # (entry, head) items that fit
     if items >= heads:
-        step = items // max(1, heads)
+        step = max(1, items // max(1, heads))
         return [(b0, min(batch, b0 + step), 0, heads, 0, sq) for b0 in range(0, batch, step)], step * heads * sq * sk
     if items:
         return [(b, b + 1, h0, min(heads, h0 + items), 0, sq) for b in range(batch)
