@@ -362,9 +362,14 @@ def _weight_matrix(w, dtype):
     return np.ascontiguousarray(np.asarray(w, dtype).transpose(0, 2, 3, 1)).reshape(w.shape[0], -1)
 
 
+def _im2col_is_input(plan):
+    """A 1x1 kernel, stride 1, no padding: the im2col matrix is the input itself (each pixel's channels)."""
+    return plan.kh == plan.kw == 1 and plan.sh == plan.sw == 1 and plan.ph == plan.pw == 0
+
+
 def _pointwise_fits(plan):
     """A 1x1 kernel, stride 1, no padding, one group: a product over channels at every pixel."""
-    return plan.kh == plan.kw == 1 and plan.sh == plan.sw == 1 and plan.ph == plan.pw == 0 and plan.groups == 1
+    return _im2col_is_input(plan) and plan.groups == 1
 
 
 def _pointwise_conv(src, wmat, trans, bias, channels, plan):
@@ -494,7 +499,7 @@ def _direct_3x3_fits(c, o, width):
 def _direct_3x3_conv(x, w, pads, bias, out_hw):
     """The 3x3, stride-1 correlation of x, padded by pads, with w (O, C, 3, 3), + bias, by direct loops:
     an (N, O) + out_hw array. Computes conv2d and (w rotated, C and O swapped) its input gradient."""
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[0]), (pads[1], pads[1])))
+    xp = _zero_padded(x, pads)
     y = np.empty((x.shape[0], w.shape[0]) + tuple(out_hw), x.dtype)
     bias = _row_param(bias, w.shape[0], 0, x.dtype)
     if x.shape[1] == 1:
@@ -504,9 +509,9 @@ def _direct_3x3_conv(x, w, pads, bias, out_hw):
     return y
 
 
-def _padded_plane(x, plan):
-    """The single channel of x (N, 1, H, W) with its zero padding: (N, H + 2 PH, W + 2 PW)."""
-    return np.pad(x[:, 0], ((0, 0), (plan.ph, plan.ph), (plan.pw, plan.pw)))
+def _zero_padded(x, pads):
+    """x (N, C, H, W) with pads = (PH, PW) rows and columns of zeros on each side: (N, C, H + 2 PH, W + 2 PW)."""
+    return np.pad(x, ((0, 0), (0, 0), (pads[0], pads[0]), (pads[1], pads[1])))
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
@@ -594,7 +599,7 @@ def _conv2d_in_bands(x, w, plan, bias):
     convolution would need 1.2 GB of im2col matrix in one piece).
     """
     rows = max(1, min(plan.ho, _BAND_BYTES // (plan.wo * plan.k * x.dtype.itemsize)))
-    pointwise = plan.kh == plan.kw == 1 and plan.sh == plan.sw == 1 and plan.ph == plan.pw == 0
+    pointwise = _im2col_is_input(plan)
     cols_all = None if pointwise else _work_buffer("cols", rows * plan.wo * plan.k, x.dtype)
     wmat = np.asarray(w, x.dtype).reshape(plan.o, -1)
     y = np.empty((plan.n, plan.o, plan.ho, plan.wo), x.dtype)
@@ -664,7 +669,7 @@ def conv2d_grad_weight(dy, x, w_shape, stride, padding, dilation, groups):
                          f"{(plan.n, plan.o, plan.ho, plan.wo)}")
     if plan.c == 1 and _stride_1_3x3(plan):  # an image model's first layer
         dw = np.empty(w_shape, x.dtype)
-        _run(_one_channel_3x3_grad_weight, dy, _padded_plane(x, plan), x.dtype.type(0), dw)
+        _run(_one_channel_3x3_grad_weight, dy, _zero_padded(x, (plan.ph, plan.pw))[:, 0], x.dtype.type(0), dw)
         return dw
     if _winograd_fits(plan):
         du = np.zeros((16, plan.c, plan.o), x.dtype)
@@ -709,8 +714,7 @@ def _winograd_fits(plan):
     """Whether the convolution is a 3x3 one Winograd's F(2x2, 3x3) takes: stride 1, no dilation, one
     group, padding at most 2 (so dx is a correlation with padding 2 - p), enough channels and tiles."""
     th, tw = winograd.tile_grid(plan.ho, plan.wo)
-    return (plan.kh == plan.kw == 3 and plan.sh == plan.sw == 1 and plan.dh == plan.dw == 1 and plan.groups == 1
-            and max(plan.ph, plan.pw) <= 2 and min(plan.c, plan.o) >= _WINOGRAD_MIN_CHANNELS
+    return (_stride_1_3x3(plan) and max(plan.ph, plan.pw) <= 2 and min(plan.c, plan.o) >= _WINOGRAD_MIN_CHANNELS
             and plan.n * th * tw * plan.c * plan.o >= _WINOGRAD_MIN_PRODUCT)
 
 
