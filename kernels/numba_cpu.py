@@ -22,7 +22,7 @@ Where the time goes on a CPU, and what this module does about it:
   exponentials in place, BLAS applies them; backward recomputes each chunk's
   probabilities from the saved log-sum-exp.
 * Norms, softmax, activations and AdamW are single fused passes over rows,
-  with exp computed by a polynomial LLVM can vectorise (_exp_into).
+  with exp computed by a polynomial LLVM can vectorise (_exp).
 
 Two thread pools on two cores fight: Numba's parallel loops and OpenBLAS's
 threads each spin while waiting for work, so alternating between them many
@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 from numba import get_num_threads, njit, prange, set_num_threads, types, vectorize
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from . import blas, reference, winograd
 from .reference import conv_output_size
@@ -961,10 +961,12 @@ def upsample_nearest2d_backward(dy, scale):
 
 # ---- exp in SIMD-friendly arithmetic ---------------------------------------------
 # math.exp compiles to a call per element; LLVM cannot vectorise it (NumPy's own
-# exp is SIMD). Softmax and attention spend most of their time in exp, so here
-# is one LLVM can vectorise: e^x = 2^k e^r with k = round(x / ln 2), |r| <= ln(2)/2,
-# e^r by its Taylor polynomial (_exp_poly: a few units in the last place), and 2^k written
-# straight into the exponent bits of a float through an integer scratch array.
+# exp is SIMD). Softmax, attention and the activations spend most of their time in
+# exp, so here is one LLVM can vectorise: e^x = 2^k e^r with k = round(x / ln 2),
+# |r| <= ln(2)/2, e^r by its Taylor polynomial (_exp_poly: a few units in the last
+# place), and 2^k made by writing k + bias into the exponent bits of a float
+# (_float_from_bits: a bit cast, no arithmetic). Being plain arithmetic, _exp inlines
+# into any loop, and the loop vectorises with it: a SiLU is one pass over memory.
 _LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 0.693145751953125, 1.42860682030941723212e-6
 _TAYLOR = tuple(1.0 / math.factorial(n) for n in range(14))
 _TAYLOR_DEGREE = {np.float32: 7, np.float64: 13}  # |r|^(d+1) / (d+1)! <= 5e-9 (float32), 3e-17 (float64)
@@ -995,39 +997,55 @@ def _exp_poly_compiled(r):
     return compiled
 
 
-@njit(cache=True, fastmath=_FAST, inline="always")
-def _exp_into(src, shift, dst, n, bits):
-    """dst[:n] <- exp(src[:n] - shift), returning their sum (src may be dst).
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """The float whose bits are the integer `bits` (int32 -> float32, int64 -> float64), as a C union
+    would read them: one LLVM bitcast, which vectorises."""
+    float_type = types.float32 if bits.bitwidth == 32 else types.float64
 
-    For src - shift <= 88 (float32) / 709 (float64); -inf -> 0; nan stays nan.
-    bits: an integer scratch array of dst's itemsize (int32 for float32, int64 for float64), length >= n.
-    """
-    t, it = dst.dtype.type, bits.dtype.type
-    mantissa = it(23) if bits.itemsize == 4 else it(52)
-    bias = it(127) if bits.itemsize == 4 else it(1023)
-    lowest = t(-87.0) if bits.itemsize == 4 else t(-708.0)  # below this e^x is subnormal: return 0
-    offset = t(shift)
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(float_type))
+
+    return float_type(bits), codegen
+
+
+# per float type: the integer of its size, mantissa bits, exponent bias, and the x below which e^x
+# is subnormal (returned as 0)
+_EXP_FORMAT = {np.float32: (np.int32, 23, 127, -87.0), np.float64: (np.int64, 52, 1023, -708.0)}
+
+
+def _exp(x):
+    """e^x for x <= 88 (float32) / 709 (float64); compiled, 0 below the normal range (-inf -> 0) and
+    nan stays nan. Here in Python for reading (ldexp makes 2^k); Numba compiles the overload below."""
+    k = math.floor(x * _LOG2E + 0.5)
+    return math.ldexp(_exp_poly((x - k * _LN2_HI) - k * _LN2_LO), k)
+
+
+@overload(_exp)
+def _exp_compiled(x):
+    t = np.float32 if x == types.float32 else np.float64
+    it, mantissa, bias, lowest = _EXP_FORMAT[t]
+
+    def compiled(x):
+        v = max(x, t(lowest))
+        k = np.floor(v * t(_LOG2E) + t(0.5))  # np.floor keeps x's float type
+        r = (v - k * t(_LN2_HI)) - k * t(_LN2_LO)
+        two_to_k = _float_from_bits(it((it(k) + it(bias)) << it(mantissa)))  # Numba widens int32 sums: it(...)
+        return _exp_poly(r) * two_to_k if x >= t(lowest) else (t(0.0) if x < t(lowest) else x)
+
+    return compiled
+
+
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _exp_into(src, shift, dst, n):
+    """dst[:n] <- exp(src[:n] - shift), returning their sum (src may be dst)."""
+    offset = src.dtype.type(shift)
     for j in range(n):
-        v = src[j] - offset
-        k = np.floor(max(v, lowest) * t(_LOG2E) + t(0.5))  # np.floor keeps x's float type
-        r = (max(v, lowest) - k * t(_LN2_HI)) - k * t(_LN2_LO)
-        p = _exp_poly(r)
-        dst[j] = p if v >= lowest else (t(0.0) if v < lowest else v)
-        bits[j] = (it(k) + bias) << mantissa
-    scale = bits.view(dst.dtype)
+        dst[j] = _exp(src[j] - offset)
     total = 0.0
     for j in range(n):
-        dst[j] *= scale[j]
         total += dst[j]
     return total
-
-
-_INT_OF = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}
-
-
-def _exp_scratch(blocks, length, dtype):
-    """One integer scratch row per parallel block, for _exp_into."""
-    return np.empty((blocks, max(1, length)), _INT_OF[np.dtype(dtype)])
 
 
 @njit(cache=True)
@@ -1224,49 +1242,38 @@ def layer_norm_backward(dy, x, mean, rstd, weight):
 
 # ---- softmax over rows -------------------------------------------------------------
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def _softmax_rows(x, log, y, bits):
+def _softmax_rows(x, log, y):
     """softmax (or log_softmax when `log`) of every row of x (R, L): y = exp(x - max) / sum."""
     rows, length = x.shape
-    blocks = bits.shape[0]
-    for block in prange(blocks):
-        first, last = _block_rows(block, blocks, rows)
-        for r in range(first, last):
-            row, out = x[r], y[r]
-            m = row[0]
-            for l in range(1, length):
-                m = max(m, row[l])
-            total = _exp_into(row, m, out, length, bits[block])
-            if log:  # (x - m) - log(total) as two passes: exact where x == m (fastmath may not merge them)
-                for l in range(length):
-                    out[l] = row[l] - m
-                log_total = row.dtype.type(math.log(total))
-                for l in range(length):
-                    out[l] -= log_total
-            else:
-                inv = row.dtype.type(1.0 / total)
-                for l in range(length):
-                    out[l] *= inv
+    for r in prange(rows):
+        row, out = x[r], y[r]
+        m = row[0]
+        for l in range(1, length):
+            m = max(m, row[l])
+        total = _exp_into(row, m, out, length)
+        if log:  # (x - m) - log(total) as two passes: exact where x == m (fastmath may not merge them)
+            for l in range(length):
+                out[l] = row[l] - m
+            log_total = row.dtype.type(math.log(total))
+            for l in range(length):
+                out[l] -= log_total
+        else:
+            inv = row.dtype.type(1.0 / total)
+            for l in range(length):
+                out[l] *= inv
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def _softmax_rows_backward(dy, y, log, dx, bits):
+def _softmax_rows_backward(dy, y, log, dx):
     """softmax: dx = y (dy - sum(dy y));  log_softmax: dx = dy - exp(y) sum(dy)."""
     rows, length = y.shape
-    blocks = bits.shape[0]
-    for block in prange(blocks):
-        first, last = _block_rows(block, blocks, rows)
-        for r in range(first, last):
-            total = 0.0
-            for l in range(length):
-                total += dy[r, l] if log else dy[r, l] * y[r, l]
-            t = y.dtype.type(total)
-            if log:
-                _exp_into(y[r], 0.0, dx[r], length, bits[block])
-                for l in range(length):
-                    dx[r, l] = dy[r, l] - dx[r, l] * t
-            else:
-                for l in range(length):
-                    dx[r, l] = y[r, l] * (dy[r, l] - t)
+    for r in prange(rows):
+        total = 0.0
+        for l in range(length):
+            total += dy[r, l] if log else dy[r, l] * y[r, l]
+        t = y.dtype.type(total)
+        for l in range(length):
+            dx[r, l] = dy[r, l] - _exp(y[r, l]) * t if log else y[r, l] * (dy[r, l] - t)
 
 
 def _as_rows(x, axis):
@@ -1282,15 +1289,14 @@ def _from_rows(rows, like, axis):
 def _softmax(x, axis, log):
     rows = _as_rows(x, axis)
     out = np.empty_like(rows)
-    _run(_softmax_rows, rows, log, out, _exp_scratch(min(rows.shape[0], _BLOCKS), rows.shape[1], rows.dtype))
+    _run(_softmax_rows, rows, log, out)
     return _from_rows(out, x, axis)
 
 
 def _softmax_backward(dy, y, axis, log):
     rows = _as_rows(y, axis)
     dx = np.empty_like(rows)
-    _run(_softmax_rows_backward, _as_rows(dy.astype(y.dtype, copy=False), axis), rows, log, dx,
-                           _exp_scratch(min(rows.shape[0], _BLOCKS), rows.shape[1], rows.dtype))
+    _run(_softmax_rows_backward, _as_rows(dy.astype(y.dtype, copy=False), axis), rows, log, dx)
     return _from_rows(dx, y, axis)
 
 
@@ -1372,26 +1378,23 @@ _LONG_ROW = 256  # keys from which NumPy's SIMD max beats the scalar loop (4096 
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST, nogil=True)
-def _exp_rows(s, b0, i0, scale, shift, sums, bits):
+def _exp_rows(s, b0, i0, scale, shift, sums):
     """In place: s[b, i, :] <- exp(scale * s[b, i, :] - shift[b0 + b, i0 + i]), sums[b, i] = the row's sum.
 
-    A row whose shift is -inf (it sees no key) becomes 0. bits: one _exp_into scratch row per parallel block.
+    A row whose shift is -inf (it sees no key) becomes 0.
     """
     chunk, sq, sk = s.shape
-    blocks = bits.shape[0]
-    for block in prange(blocks):
-        first, last = _block_rows(block, blocks, chunk * sq)
-        for r in range(first, last):
-            b, i = r // sq, r % sq
-            row, m = s[b, i], shift[b0 + b, i0 + i]
-            if m == -np.inf:
-                row[:] = 0
-                sums[b, i] = 0.0
-                continue
-            if scale != 1:
-                for j in range(sk):
-                    row[j] *= scale
-            sums[b, i] = _exp_into(row, m, row, sk, bits[block])
+    for r in prange(chunk * sq):
+        b, i = r // sq, r % sq
+        row, m = s[b, i], shift[b0 + b, i0 + i]
+        if m == -np.inf:
+            row[:] = 0
+            sums[b, i] = 0.0
+            continue
+        if scale != 1:
+            for j in range(sk):
+                row[j] *= scale
+        sums[b, i] = _exp_into(row, m, row, sk)
 
 
 @njit(cache=True, fastmath=_FAST, nogil=True)
@@ -1420,7 +1423,7 @@ def _row_sums(s, sums):
             sums[b, i] = total
 
 
-def _exponentials(s, b0, i0, mask, has_mask, scale, is_causal, shift, find_max, sums, bits):
+def _exponentials(s, b0, i0, mask, has_mask, scale, is_causal, shift, find_max, sums):
     """In place: s[b, i, j] <- exp(logit - m_bi) with logit = scale * s + mask (-inf for the keys query i
     does not see); sums[b, i] = sum_j (when find_max). A row that sees no key becomes 0.
 
@@ -1444,7 +1447,7 @@ def _exponentials(s, b0, i0, mask, has_mask, scale, is_causal, shift, find_max, 
             _short_row_maxima(s, maxima)
         maxima *= factor
     if long_rows:
-        _run(_exp_rows, s, b0, i0, factor, shift, sums, bits)
+        _run(_exp_rows, s, b0, i0, factor, shift, sums)
         return
     _shift_rows(s, b0, i0, factor, shift)
     np.exp(s, out=s)
@@ -1546,14 +1549,13 @@ def attention(q, k, v, mask, scale, is_causal):
 
     def run(blocks):
         buffer, sums = np.empty(size, q.dtype), np.empty(size // max(1, sk), np.float64)
-        bits = _exp_scratch(_BLOCKS, sk, q.dtype)
         for b0, b1, h0, h1, i0, i1 in blocks:
             shape = (b1 - b0, h1 - h0, i1 - i0)
             s = buffer[: math.prod(shape) * sk].reshape(shape + (sk,))
             row_sums = sums[: math.prod(shape)].reshape(shape)
             np.matmul(q[b0:b1, h0:h1, i0:i1], k[b0:b1, h0:h1].swapaxes(2, 3), out=s)
             _exponentials(s.reshape(-1, i1 - i0, sk), b0 * heads + h0, i0, mask, has_mask, scale, is_causal,
-                          item_lse, True, row_sums.reshape(-1, i1 - i0), bits)
+                          item_lse, True, row_sums.reshape(-1, i1 - i0))
             np.matmul(s, v[b0:b1, h0:h1], out=out[b0:b1, h0:h1, i0:i1])
             _divide_rows(out, row_sums, lse, b0, h0, i0)
 
@@ -1610,7 +1612,6 @@ def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
     blocks, size = _attention_blocks(q, k)
     buffers = np.empty(2 * size, q.dtype)
     row_sums = np.empty(size // max(1, sk), np.float64)  # unused here: the rows sum to 1
-    bits = _exp_scratch(_BLOCKS, sk, q.dtype)
     banded = bool(blocks) and blocks[0][5] - blocks[0][4] < sq
     dq, dk, dv = (_empty_laid_out_as(a, a.shape) for a in (q, k, v))
     if banded:
@@ -1625,7 +1626,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
         # the probabilities, rebuilt from the saved lse
         items = s.reshape(-1, i1 - i0, sk)
         _exponentials(items, b0 * heads + h0, i0, mask, has_mask, q.dtype.type(scale), bool(is_causal), item_lse,
-                      False, row_sums[: n // sk].reshape(-1, i1 - i0), bits)
+                      False, row_sums[: n // sk].reshape(-1, i1 - i0))
         _probabilities_backward(items, dp.reshape(items.shape), dout, out, b0, h0, i0, h1 - h0, q.dtype.type(scale))
         np.matmul(dp, k[b0:b1, h0:h1], out=dq[b0:b1, h0:h1, i0:i1])
         if not banded:
@@ -1639,7 +1640,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
     return dq, dk, dv
 
 
-# ---- activations: one fused pass, exp through the SIMD-friendly _exp_into ------
+# ---- activations: one fused pass, exp through the SIMD-friendly _exp ---------------
 # silu and both gelus are built from one exponential per element:
 #   silu(x)      = x s,          s = sigmoid(x) = 1 / (1 + e^-x)
 #   gelu_tanh(x) = x s,          s = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
@@ -1648,8 +1649,9 @@ def attention_backward(dout, q, k, v, out, lse, mask, scale, is_causal):
 # with erfc(z) ~ t exp(-z^2 + P(t)), t = 1 / (1 + z/2), P the degree-9 Chebyshev fit of
 # Numerical Recipes (relative error < 1.2e-7: float32 only; float64 uses libm's erf).
 # math.exp / math.erf in a Numba ufunc are one library call per element, slower even than
-# NumPy. Measured for (128, 64, 8, 8) in float32: silu 1.08 ms as such a ufunc, 0.32 ms in
-# NumPy, 0.19 ms here; gelu (erf) forward 3.5 ms -> 0.24 ms, backward 5.3 ms -> 0.41 ms.
+# NumPy. Measured for (256, 16, 32, 32) in float32, one thread: silu forward 3.8 ms with
+# exp as a separate pass over runs of 512 (2^k through an integer scratch array), 2.1 ms
+# as one loop with _exp inlined (PyTorch 2.0); backward 4.2 -> 2.5 ms (PyTorch 2.9).
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -1657,71 +1659,41 @@ _TANH_C = 0.044715
 _ERFC_FIT = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
              0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277)  # P(t), lowest power first
 _SILU, _GELU_TANH, _GELU_ERF = 0, 1, 2
-_ACTIVATION_RUN = 512  # elements per pass: the scratch rows stay in L1
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _sigmoid_gate_run(kind, backward, x, dy, out, e, bits, value):
-    """silu or gelu_tanh of one run: out = x s, or dy * d(x s)/dx, with s = sigmoid(x) or sigmoid(2u)
-    (and x s into `value` too, unless it is empty)."""
-    t = x.dtype.type
-    highest = t(88.0) if bits.itemsize == 4 else t(709.0)  # _exp_into's range; s ~ 0 beyond it anyway
-    slope = t(1.0) if kind == _SILU else t(0.0)  # the gate's argument: x (silu), 2u (gelu_tanh)
+def _sigmoid_gate(kind, x):
+    """silu or gelu_tanh at x: (x s, d(x s)/dx) with s = sigmoid(a(x)), a(x) = x (silu) or 2u (gelu_tanh)."""
+    t = type(x)
+    slope = t(1.0) if kind == _SILU else t(0.0)
     cubic = t(1.0) - slope
-    for j in range(x.size):
-        v = x[j]
-        arg = slope * v + cubic * t(2.0 * _SQRT_2_OVER_PI) * (v + t(_TANH_C) * v * v * v)
-        e[j] = min(-arg, highest)
-    _exp_into(e, 0.0, e, x.size, bits)
-    for j in range(x.size):
-        v = x[j]
-        s = t(1.0) / (t(1.0) + e[j])
-        if backward:  # d/dx [x sigmoid(a(x))] = s + x s (1 - s) a'(x)
-            da = slope + cubic * t(2.0 * _SQRT_2_OVER_PI) * (t(1.0) + t(3.0 * _TANH_C) * v * v)
-            out[j] = dy[j] * (s + v * s * (t(1.0) - s) * da)
-            if value.size:
-                value[j] = v * s
-        else:
-            out[j] = v * s
+    a = slope * x + cubic * t(2.0 * _SQRT_2_OVER_PI) * (x + t(_TANH_C) * x * x * x)
+    highest = t(88.0) if t is np.float32 else t(709.0)  # _exp's range; s ~ 0 beyond it anyway
+    s = t(1.0) / (t(1.0) + _exp(min(-a, highest)))
+    da = slope + cubic * t(2.0 * _SQRT_2_OVER_PI) * (t(1.0) + t(3.0 * _TANH_C) * x * x)
+    return x * s, s + x * s * (t(1.0) - s) * da  # d/dx [x sigmoid(a(x))] = s + x s (1 - s) a'(x)
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _gelu_erf_run(backward, x, dy, out, e, bits, value):
-    """gelu (erf) of one run in float32: out = x Phi(x), or dy (Phi(x) + x phi(x)) (and x Phi(x) into
-    `value` too, unless it is empty)."""
-    t = x.dtype.type
-    for j in range(x.size):
-        z = abs(x[j]) * t(_INV_SQRT_2)
-        tt = t(1.0) / (t(1.0) + t(0.5) * z)
-        p = t(_ERFC_FIT[9])
-        for c in _ERFC_FIT[8::-1]:
-            p = p * tt + t(c)
-        e[j] = p - z * z
-        out[j] = t(0.5) * tt  # kept for the next pass (a second division cost 20%)
-    _exp_into(e, 0.0, e, x.size, bits)
-    for j in range(x.size):
-        v = x[j]
-        half_erfc = out[j] * e[j]  # erfc(z) / 2 = t exp(P(t) - z^2) / 2
-        cdf = t(1.0) - half_erfc if v >= 0 else half_erfc
-        out[j] = cdf if backward else v * cdf
-    if backward:  # dy (Phi + x phi), phi(x) = exp(-x^2 / 2) / sqrt(2 pi); out holds Phi
-        for j in range(x.size):
-            e[j] = t(-0.5) * x[j] * x[j]
-        _exp_into(e, 0.0, e, x.size, bits)
-        for j in range(x.size):
-            if value.size:
-                value[j] = x[j] * out[j]
-            out[j] = dy[j] * (out[j] + x[j] * e[j] * t(_INV_SQRT_2PI))
+def _gelu_erf(x):
+    """gelu (erf) at x in float32: (x Phi(x), Phi(x) + x phi(x)), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
+    t = type(x)
+    z = abs(x) * t(_INV_SQRT_2)
+    tt = t(1.0) / (t(1.0) + t(0.5) * z)
+    p = t(_ERFC_FIT[9])
+    for c in _ERFC_FIT[8::-1]:
+        p = p * tt + t(c)
+    half_erfc = t(0.5) * tt * _exp(p - z * z)  # erfc(z) / 2 = t exp(P(t) - z^2) / 2
+    cdf = t(1.0) - half_erfc if x >= 0 else half_erfc
+    return x * cdf, cdf + x * _exp(t(-0.5) * x * x) * t(_INV_SQRT_2PI)
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _activation_run(kind, backward, x, dy, out, e, bits, value):
-    """out = act(x), or dy * act'(x) when backward, over one run (e: a scratch run; a backward run also
-    writes act(x) into `value` unless it is empty)."""
+def _activation(kind, x):
+    """(act(x), act'(x)) of one element; inlined, so the compiler drops whichever its caller does not use."""
     if kind == _GELU_ERF:
-        _gelu_erf_run(backward, x, dy, out, e, bits, value)
-    else:
-        _sigmoid_gate_run(kind, backward, x, dy, out, e, bits, value)
+        return _gelu_erf(x)
+    return _sigmoid_gate(kind, x)
 
 
 def _activation_kernels(kind):
@@ -1729,45 +1701,30 @@ def _activation_kernels(kind):
 
     `kind` is a constant of the closure, so Numba drops the other activations' code before it
     compiles: with `kind` an argument, every kernel carried all three activations inlined, and
-    the GEGLU kernel alone took 19 s to compile (8 s now)."""
+    the GEGLU kernel alone took 19 s to compile (8 s then)."""
 
     @njit(parallel=True, cache=True, fastmath=_FAST)
-    def activation(x, dy, out, bits, backward):
-        """The activation over flat x (dy: x's size, x itself when not backward), in parallel blocks of runs."""
-        blocks, size = bits.shape[0], x.size
-        for block in prange(blocks):
-            e = np.empty(_ACTIVATION_RUN, x.dtype)
-            first, last = _block_rows(block, blocks, size)
-            for start in range(first, last, _ACTIVATION_RUN):
-                stop = min(start + _ACTIVATION_RUN, last)
-                _activation_run(kind, backward, x[start:stop], dy[start:stop], out[start:stop], e, bits[block],
-                                e[:0])
+    def activation(x, dy, out, backward):
+        """out = act(x), or dy act'(x) when backward, over flat arrays (dy: x itself when not backward)."""
+        for i in prange(x.size):
+            value, slope = _activation(kind, x[i])
+            out[i] = dy[i] * slope if backward else value
 
     @njit(parallel=True, cache=True, fastmath=_FAST)
-    def geglu_rows(x, dy, out, bits, backward):
+    def geglu_rows(x, dy, out, backward):
         """GEGLU over rows x (M, 2D) = [a, b]: out (M, D) = a * act(b); or, when backward, out (M, 2D) =
-        [dy act(b), dy a act'(b)]. Each run of b goes through the activation in L1, next to its a and dy."""
-        blocks, rows, half = bits.shape[0], x.shape[0], x.shape[1] // 2
-        for block in prange(blocks):
-            e, value, scaled = np.empty((3, _ACTIVATION_RUN), x.dtype)
-            first, last = _block_rows(block, blocks, rows)
-            for r in range(first, last):
-                for start in range(0, half, _ACTIVATION_RUN):
-                    stop = min(start + _ACTIVATION_RUN, half)
-                    a, b, n = x[r, start:stop], x[r, half + start : half + stop], stop - start
-                    if backward:
-                        g, da = dy[r, start:stop], out[r, start:stop]
-                        for j in range(n):
-                            scaled[j] = g[j] * a[j]
-                        _activation_run(kind, True, b, scaled[:n], out[r, half + start : half + stop], e,
-                                        bits[block], value[:n])
-                        for j in range(n):
-                            da[j] = g[j] * value[j]
-                    else:
-                        y = out[r, start:stop]
-                        _activation_run(kind, False, b, b, y, e, bits[block], e[:0])
-                        for j in range(n):
-                            y[j] *= a[j]
+        [dy act(b), dy a act'(b)]."""
+        half = x.shape[1] // 2
+        for r in prange(x.shape[0]):
+            a, b, g, y = x[r, :half], x[r, half:], dy[r], out[r]
+            if backward:
+                for j in range(half):
+                    value, slope = _activation(kind, b[j])
+                    y[j] = g[j] * value
+                    y[half + j] = g[j] * a[j] * slope
+            else:
+                for j in range(half):
+                    y[j] = a[j] * _activation(kind, b[j])[0]
 
     return activation, geglu_rows
 
@@ -1779,9 +1736,7 @@ def _activate(kind, x, dy=None):
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
     flat_dy = x.reshape(-1) if dy is None else np.ascontiguousarray(dy, x.dtype).reshape(-1)
-    blocks = max(1, min(_BLOCKS, x.size // _ACTIVATION_RUN))
-    _run(_ACTIVATION_KERNELS[kind][0], x.reshape(-1), flat_dy, out.reshape(-1),
-         _exp_scratch(blocks, _ACTIVATION_RUN, x.dtype), dy is not None)
+    _run(_ACTIVATION_KERNELS[kind][0], x.reshape(-1), flat_dy, out.reshape(-1), dy is not None)
     return out
 
 
@@ -1840,10 +1795,8 @@ def _geglu(x, dy, approximate):
     rows = np.ascontiguousarray(x).reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (0, 2D) for an empty batch
     out = np.empty(x.shape[:-1] + ((half,) if dy is None else (2 * half,)), x.dtype)
     flat_dy = rows if dy is None else np.ascontiguousarray(dy, x.dtype).reshape(rows.shape[0], half)
-    blocks = max(1, min(_BLOCKS, rows.size // (2 * _ACTIVATION_RUN), rows.shape[0]))
     kind = _GELU_TANH if approximate == "tanh" else _GELU_ERF
-    _run(_ACTIVATION_KERNELS[kind][1], rows, flat_dy, out.reshape(rows.shape[0], out.shape[-1]),
-         _exp_scratch(blocks, _ACTIVATION_RUN, x.dtype), dy is not None)
+    _run(_ACTIVATION_KERNELS[kind][1], rows, flat_dy, out.reshape(rows.shape[0], out.shape[-1]), dy is not None)
     return out
 
 
