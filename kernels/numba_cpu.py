@@ -363,8 +363,10 @@ def _weight_matrix(w, dtype):
 
 
 def _im2col_is_input(plan):
-    """A 1x1 kernel, stride 1, no padding: the im2col matrix is the input itself (each pixel's channels)."""
-    return plan.kh == plan.kw == 1 and plan.sh == plan.sw == 1 and plan.ph == plan.pw == 0
+    """A 1x1 kernel, stride 1, no padding, and the output as large as the input (a transposed conv's
+    output padding adds input rows no output reaches): the im2col matrix is the input itself."""
+    return (plan.kh == plan.kw == 1 and plan.sh == plan.sw == 1 and plan.ph == plan.pw == 0
+            and (plan.ho, plan.wo) == (plan.h, plan.w))
 
 
 def _pointwise_fits(plan):

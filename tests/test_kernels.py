@@ -427,7 +427,8 @@ def test_conv2d_matches_reference(kb, dtype, cfg, with_bias):
 @given(cfg=conv_configs(max_groups=2), band_bytes=st.integers(0, 4000), with_bias=st.booleans())
 def test_numba_conv2d_in_bands_of_rows_matches_reference(dtype, cfg, band_bytes, with_bias):
     """Large images go a band of output rows at a time (channels-first im2col, BLAS writing into y):
-    forced here on small ones by shrinking the cache and band budgets (0 bytes: bands of one row)."""
+    forced here on small ones by shrinking the cache and band budgets (0 bytes: bands of one row).
+    3x3 stride-1 convolutions the direct loops take (one input channel, say) never reach the bands."""
     numba_cpu = load("numba_cpu")
     x, w = randn(*cfg["x_shape"], dtype=dtype), randn(*cfg["w_shape"], dtype=dtype, seed=1)
     args = cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"]
@@ -440,7 +441,9 @@ def test_numba_conv2d_in_bands_of_rows_matches_reference(dtype, cfg, band_bytes,
         got = numba_cpu.conv2d(x, w, *args, bias)
     _, _, ho, wo = conv_out(cfg)
     im2col_bytes = ho * wo * math.prod(cfg["w_shape"][2:]) * cfg["x_shape"][1] * np.dtype(dtype).itemsize
-    assert bool(bands) == (im2col_bytes > band_bytes or cfg["x_shape"][1] == 1)
+    plan = numba_cpu._ConvPlan("conv2d", x.shape, w.shape, *args, x.dtype)
+    direct = numba_cpu._stride_1_3x3(plan) and numba_cpu._direct_3x3_fits(plan.c, plan.o, plan.wo)
+    assert bool(bands) == (not direct and (im2col_bytes > band_bytes or cfg["x_shape"][1] == 1))
     assert_matches(got, ref.conv2d(x, w, *args, bias), dtype)
 
 
@@ -586,6 +589,19 @@ def test_numba_pointwise_conv_matches_reference(dtype, threads, n, c, o, size, w
     assert len(calls) == (2 if c > 1 else 1)  # (a one-channel forward goes by bands)
     assert_matches(got[0], ref.conv2d(x, w, *args, bias), dtype)
     assert_matches(got[1], ref.conv2d_grad_input(dy, w, x.shape, *args), dtype)
+
+
+@pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numba_pointwise_transpose_with_output_padding_matches_reference(dtype):
+    """A 1x1 transposed convolution with output padding (as hypothesis found): its output has rows and
+    columns no input pixel reaches, so it is not a product at every pixel; they stay zero."""
+    numba_cpu = load("numba_cpu")
+    x, w = randn(2, 3, 2, 3, dtype=dtype), randn(3, 4, 1, 1, dtype=dtype, seed=1)
+    args = (1, 1), (0, 0), (1, 0), (2, 1), 1  # stride, padding, output padding, dilation, groups
+    got = numba_cpu.conv_transpose2d(x, w, *args)
+    assert got.shape == (2, 4, 3, 3)
+    assert_matches(got, ref.conv_transpose2d(x, w, *args), dtype)
 
 
 def test_winograd_f2_3_in_one_dimension():
