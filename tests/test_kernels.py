@@ -813,6 +813,20 @@ def test_numba_vectorised_exp_matches_numpy(dtype):
 
 @pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("keys", [1, 7, 16, 64, 300])
+def test_numba_row_maxima_match_numpy(dtype, keys):
+    """Attention's row maxima (a vectorised maxNum): exact, with masked (-inf) keys and fully masked rows."""
+    numba_cpu = load("numba_cpu")
+    s = randn(3, 5, keys, dtype=dtype) * 10
+    s[0, 1, ::2] = -np.inf
+    s[1, 2] = -np.inf
+    got = np.empty((3, 5), dtype)
+    numba_cpu._row_maxima(s, got)
+    np.testing.assert_array_equal(got, s.max(axis=2))
+
+
+@pytest.mark.skipif(load("numba_cpu") is None, reason="numba_cpu unavailable")
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", ["bands", "heads"])
 @pytest.mark.parametrize("mask_kind, is_causal, per_item_mask", [("none", False, False), ("additive", True, True),
                                                                   ("boolean-like", False, False),
@@ -820,8 +834,8 @@ def test_numba_vectorised_exp_matches_numpy(dtype):
 def test_numba_attention_in_bands_of_queries_matches_reference(monkeypatch, dtype, split, mask_kind, is_causal,
                                                                per_item_mask):
     """Long sequences: when one (entry, head) item's scores outgrow the chunk, a block is a band of queries of
-    one head (dk, dv summed over the bands); when a few items fit, it is a few heads of one entry. Rows from
-    _LONG_ROW keys take their maxima from NumPy. All forced on small arrays here."""
+    one head (dk, dv summed over the bands); when a few items fit, it is a few heads of one entry. Both forced
+    on small arrays here."""
     numba_cpu = load("numba_cpu")
     cfg = dict(b=2, h=3, sq=7, sk=6, d=3, dv=2, mask_kind=mask_kind, is_causal=is_causal,
                mask_batch=6 if per_item_mask else 1, heads_last=True)
@@ -832,7 +846,6 @@ def test_numba_attention_in_bands_of_queries_matches_reference(monkeypatch, dtyp
     chunk_rows = 2 * cfg["sq"] if split == "heads" else 2  # two whole items, or two rows
     monkeypatch.setattr(numba_cpu, "_ATTENTION_CHUNK_BYTES", chunk_rows * row_bytes)
     monkeypatch.setattr(numba_cpu, "_ATTENTION_BAND_BYTES", 3 * row_bytes)
-    monkeypatch.setattr(numba_cpu, "_LONG_ROW", 1)
     blocks, _ = numba_cpu._attention_blocks(q, k)
     if split == "heads":
         assert blocks == [(0, 1, 0, 2, 0, 7), (0, 1, 2, 3, 0, 7), (1, 2, 0, 2, 0, 7), (1, 2, 2, 3, 0, 7)]
