@@ -576,13 +576,23 @@ def _norm_backward(dy, x, mean, rstd, weight, num_groups):
     return dx, dweight.reshape(c), dy4.sum(axis=(0, 3)).reshape(c)
 
 
-def group_norm(x, num_groups, weight, bias, eps):
-    """y = (x - mean) * rstd * w[c] + b[c] over each (sample, group); one block per group."""
-    return _norm_forward(x, num_groups, weight, bias, eps)
+def group_norm(x, num_groups, weight, bias, eps, with_silu=False):
+    """y = (x - mean) * rstd * w[c] + b[c] over each (sample, group); one block per group. with_silu:
+    silu(y), by a second kernel (fused on the CPU only)."""
+    y, mean, rstd = _norm_forward(x, num_groups, weight, bias, eps)
+    return (silu(y) if with_silu else y), mean, rstd
 
 
-def group_norm_backward(dy, x, mean, rstd, weight, num_groups):
-    """dx = rstd * (g - mean(g) - xh * mean(g * xh)), g = dy * w; dw = sum dy * xh; db = sum dy."""
+def group_norm_backward(dy, x, mean, rstd, weight, num_groups, bias=None, with_silu=False):
+    """dx = rstd * (g - mean(g) - xh * mean(g * xh)), g = dy * w; dw = sum dy * xh; db = sum dy.
+    with_silu: dy, the gradient of silu(y), becomes silu'(y) dy first (y rebuilt from x and the stats)."""
+    if with_silu:
+        n, c = x.shape[:2]
+        groups = x.reshape(n, num_groups, -1)
+        y = ((groups - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+        per_channel = (1, c) + (1,) * (x.ndim - 2)
+        y = y if weight is None else y * weight.reshape(per_channel)
+        dy = silu_backward(dy, y if bias is None else y + bias.reshape(per_channel))
     return _norm_backward(dy, x, mean, rstd, weight, num_groups)
 
 

@@ -293,27 +293,38 @@ def _channel_shape(x):
     return (1, x.shape[1]) + (1,) * (x.ndim - 2)
 
 
-def group_norm(x, num_groups, weight, bias, eps):
+def group_norm(x, num_groups, weight, bias, eps, with_silu=False):
     """Normalise each (sample, group of C/G channels) over its channels and positions.
 
     y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]; mean and var (biased) per
-    (n, g). Returns y, mean (N, G), rstd (N, G).
+    (n, g); with_silu: silu(y) instead (a ResNet block's norm and activation as one op).
+    Returns y, mean (N, G), rstd (N, G).
     """
     n, c = x.shape[:2]
     if c % num_groups:
         raise ValueError(f"group_norm: {c} channels (input shape {x.shape}) are not divisible by {num_groups} groups")
-    xhat, mean, rstd = _normalize_rows(x.reshape(n, num_groups, -1), eps)
-    y = xhat.reshape(x.shape)
+    mean, rstd = _normalize_rows(x.reshape(n, num_groups, -1), eps)[1:]
+    y = _group_norm_affine(x, mean, rstd, weight, bias, num_groups)
+    return (silu(y) if with_silu else y).astype(x.dtype, copy=False), mean, rstd
+
+
+def _group_norm_affine(x, mean, rstd, weight, bias, num_groups):
+    """(x - mean) * rstd * weight[c] + bias[c], with mean and rstd (N, G) of the groups."""
+    n = x.shape[0]
+    y = ((x.reshape(n, num_groups, -1) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
     if weight is not None:
         y = y * weight.reshape(_channel_shape(x))
     if bias is not None:
         y = y + bias.reshape(_channel_shape(x))
-    return y.astype(x.dtype, copy=False), mean, rstd
+    return y
 
 
-def group_norm_backward(dy, x, mean, rstd, weight, num_groups):
-    """dx by the row formula on each (n, g); dweight[c] = sum dy * xhat, dbias[c] = sum dy (over n and positions)."""
+def group_norm_backward(dy, x, mean, rstd, weight, num_groups, bias=None, with_silu=False):
+    """dx by the row formula on each (n, g); dweight[c] = sum dy * xhat, dbias[c] = sum dy (over n and positions).
+    with_silu: dy is the gradient of silu(y); first dy <- silu'(y) dy, y rebuilt from x, mean, rstd, weight, bias."""
     n, c = x.shape[:2]
+    if with_silu:
+        dy = silu_backward(dy, _group_norm_affine(x, mean, rstd, weight, bias, num_groups))
     xhat = (x.reshape(n, num_groups, -1) - mean[..., None]) * rstd[..., None]
     dxhat = dy if weight is None else dy * weight.reshape(_channel_shape(x))
     dx = _normalize_rows_backward(dxhat.reshape(n, num_groups, -1), xhat, rstd).reshape(x.shape)

@@ -129,8 +129,9 @@ def norm_calls(rng):
         x, dy = randn(rng, 2, 6, 3, 5), randn(rng, 2, 6, 3, 5)
         weight, bias = (randn(rng, 6), randn(rng, 6)) if affine else (None, None)
         _, mean, rstd = ref.group_norm(x, 3, weight, bias, 1e-5)
-        yield "group_norm", lambda m: m.group_norm(x, 3, weight, bias, 1e-5)
-        yield "group_norm_backward", lambda m: m.group_norm_backward(dy, x, mean, rstd, weight, 3)
+        for with_silu in (False, True):
+            yield "group_norm", lambda m, s=with_silu: m.group_norm(x, 3, weight, bias, 1e-5, s)
+            yield "group_norm_backward", lambda m, s=with_silu: m.group_norm_backward(dy, x, mean, rstd, weight, 3, bias, s)
         x2, dy2 = randn(rng, 5, 7), randn(rng, 5, 7)
         w2, b2 = (randn(rng, 7), randn(rng, 7)) if affine else (None, None)
         _, mean2, rstd2 = ref.layer_norm(x2, w2, b2, 1e-5)

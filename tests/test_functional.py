@@ -292,8 +292,8 @@ def test_interpolate_accepts_float_integer_scale():
 @with_fixture
 @given(n=st.integers(1, 2), groups=st.integers(1, 3), per_group=st.integers(1, 2),
        spatial=array_shapes(min_dims=0, max_dims=2, max_side=3),
-       affine=st.sampled_from(["both", "weight", "bias", "none"]), seed=seeds)  # fmt: skip
-def test_group_norm(kernel_backend, n, groups, per_group, spatial, affine, seed):
+       affine=st.sampled_from(["both", "weight", "bias", "none"]), with_silu=st.booleans(), seed=seeds)  # fmt: skip
+def test_group_norm(kernel_backend, n, groups, per_group, spatial, affine, with_silu, seed):
     rng = np.random.default_rng(seed)
     c = groups * per_group
     x = rand(rng, n, c, *spatial)
@@ -305,10 +305,13 @@ def test_group_norm(kernel_backend, n, groups, per_group, spatial, affine, seed)
         expected = expected * w.numpy().reshape(channel)
     if b is not None:
         expected = expected + b.numpy().reshape(channel)
-    close(F.group_norm(x, groups, w, b), expected, tol=1e-8)
+    if with_silu:
+        expected = expected / (1 + np.exp(-expected))
+    close(F.group_norm(x, groups, w, b, with_silu=with_silu), expected, tol=1e-8)
     inputs = [t for t in (x, w, b) if t is not None]
     present = [name for name, v in (("weight", w), ("bias", b)) if v is not None]
-    assert check_grad(lambda x, *p: F.group_norm(x, groups, **dict(zip(present, p))), inputs, kernel_backend)
+    assert check_grad(lambda x, *p: F.group_norm(x, groups, **dict(zip(present, p)), with_silu=with_silu), inputs,
+                      kernel_backend)
 
 
 @with_fixture

@@ -199,8 +199,8 @@ def finite_difference_check(forward, inputs, grads, dout, eps=1e-6):
         np.testing.assert_allclose(grad, numerical_grad(loss, inputs[index], eps=eps), rtol=1e-5, atol=1e-6)
 
 
-@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.booleans())
-def test_reference_group_norm_formula_and_gradients(n, groups, per_group, affine):
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.booleans(), st.booleans())
+def test_reference_group_norm_formula_and_gradients(n, groups, per_group, affine, with_silu):
     c = groups * per_group
     x = randn(n, c, 3, 2) * 2 + 1
     weight, bias = (randn(c, seed=1), randn(c, seed=2)) if affine else (None, None)
@@ -212,9 +212,12 @@ def test_reference_group_norm_formula_and_gradients(n, groups, per_group, affine
     if affine:
         expected = expected * weight[:, None, None] + bias[:, None, None]
     np.testing.assert_allclose(y, expected, atol=1e-12)
+    if with_silu:  # silu(group_norm(x)) in one op, and its gradients
+        y, mean, rstd = ref.group_norm(x, groups, weight, bias, 1e-5, with_silu=True)
+        np.testing.assert_allclose(y, expected / (1 + np.exp(-expected)), atol=1e-12)
     dy = randn(*x.shape, seed=3)
-    dx, dweight, dbias = ref.group_norm_backward(dy, x, mean, rstd, weight, groups)
-    forward = lambda x_, w_, b_: ref.group_norm(x_, groups, w_, b_, 1e-5)[0]  # noqa: E731
+    dx, dweight, dbias = ref.group_norm_backward(dy, x, mean, rstd, weight, groups, bias, with_silu)
+    forward = lambda x_, w_, b_: ref.group_norm(x_, groups, w_, b_, 1e-5, with_silu)[0]  # noqa: E731
     grads = {0: dx, 1: dweight, 2: dbias} if affine else {0: dx}
     finite_difference_check(forward, [x, weight, bias], grads, dy)
 
@@ -663,19 +666,20 @@ def test_upsample_matches_reference(kb, dtype, scale, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_silu", [False, True])
 @given(n=st.integers(1, 3), groups=st.integers(1, 3), per_group=st.integers(1, 3),
        spatial=st.lists(st.integers(1, 5), min_size=0, max_size=2), affine=st.booleans())
-def test_group_norm_matches_reference(kb, dtype, n, groups, per_group, spatial, affine):
+def test_group_norm_matches_reference(kb, dtype, with_silu, n, groups, per_group, spatial, affine):
     c = groups * per_group
     x = randn(n, c, *spatial, dtype=dtype) * 2 + 1
     weight, bias = (randn(c, dtype=dtype, seed=1), randn(c, dtype=dtype, seed=2)) if affine else (None, None)
-    y, mean, rstd = kb.group_norm(kb.put(x), groups, kb.put(weight), kb.put(bias), 1e-5)
-    expected = ref.group_norm(x, groups, weight, bias, 1e-5)
+    y, mean, rstd = kb.group_norm(kb.put(x), groups, kb.put(weight), kb.put(bias), 1e-5, with_silu)
+    expected = ref.group_norm(x, groups, weight, bias, 1e-5, with_silu)
     for got, exp in zip((y, mean, rstd), expected):
         assert_matches(got, exp, dtype)
     dy = randn(*x.shape, dtype=dtype, seed=3)
-    got = kb.group_norm_backward(kb.put(dy), kb.put(x), mean, rstd, kb.put(weight), groups)
-    expected = ref.group_norm_backward(dy, x, expected[1], expected[2], weight, groups)
+    got = kb.group_norm_backward(kb.put(dy), kb.put(x), mean, rstd, kb.put(weight), groups, kb.put(bias), with_silu)
+    expected = ref.group_norm_backward(dy, x, expected[1], expected[2], weight, groups, bias, with_silu)
     for g, e in zip(got, expected):
         assert (g is None) == (e is None)
         if e is not None:

@@ -88,7 +88,8 @@ class Function:
     @classmethod
     def apply(cls, *inputs, **options):
         """Run the op on Tensor inputs (non-Tensor options go by keyword) and record it."""
-        check_same_device(_op_name(cls), inputs)
+        if len(inputs) > 1:  # (one input is on one device)
+            check_same_device(_op_name(cls), inputs)
         if cls.kernel_dtypes is not None:
             _check_kernel_dtypes(cls, inputs)
         fn = cls(*inputs)
@@ -136,17 +137,19 @@ def _op_name(cls):
 
 
 def _versions_of_saved(saved, inputs, out):
-    """(version counter, version now, which tensor) for each input or output whose memory an
-    array saved for backward views: backward checks the counters did not move."""
-    owners = [(_memory_owner(t.data), t, f"input {i}") for i, t in enumerate(inputs)]
-    owners.append((_memory_owner(out.data), out, "output"))
+    """(version counter, version now, which tensor: input i or output (-1), its shape) for each input
+    or output whose memory an array saved for backward views: backward checks the counters did not
+    move. (Most saved arrays are an input's own array: found without following .base.)"""
+    tensors = (*inputs, out)
     watched = []
     for array in saved:
-        owner = _memory_owner(array)
-        for tensor_owner, t, which in owners:
-            if owner is tensor_owner:
-                watched.append((t._version, t._version[0], f"its {which} of shape {t.shape}"))
-                break
+        found = next((i for i, t in enumerate(tensors) if t.data is array), None)
+        if found is None:
+            owner = _memory_owner(array)
+            found = next((i for i, t in enumerate(tensors) if _memory_owner(t.data) is owner), None)
+        if found is not None:
+            t = tensors[found]
+            watched.append((t._version, t._version[0], found if found < len(inputs) else -1, t.shape))
     return tuple(watched)
 
 
@@ -161,12 +164,13 @@ def _share_version_with_viewed_input(out, inputs):
 
 def _check_saved_versions(fn):
     """Raise if a tensor `fn` saved for backward was changed in place after it was saved."""
-    for counter, version, which in getattr(fn, "saved_versions", ()):
+    for counter, version, index, shape in getattr(fn, "saved_versions", ()):
         if counter[0] != version:
+            which = "output" if index < 0 else f"input {index}"
             raise RuntimeError(
-                f"backward: {fn.name} saved {which} for its backward, and it was changed in place since "
-                f"(version {version} then, {counter[0]} now: x[...] = v, zero_(), x += y, an optimizer step "
-                f"or load_state_dict). Its gradient would be wrong; change a copy instead, or run backward first."
+                f"backward: {fn.name} saved its {which} of shape {shape} for its backward, and it was changed in "
+                f"place since (version {version} then, {counter[0]} now: x[...] = v, zero_(), x += y, an optimizer "
+                f"step or load_state_dict). Its gradient would be wrong; change a copy instead, or run backward first."
             )
 
 

@@ -40,12 +40,12 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x, temb=None):
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, with_silu=True))
         if self.time_emb_proj is not None:
             if temb is None:
                 raise ValueError("ResnetBlock2D: this block was built with temb_channels, so it needs temb")
             h = h + self.time_emb_proj(F.silu(temb)).reshape(temb.shape[0], h.shape[1], 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(self.norm2(h, with_silu=True)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 

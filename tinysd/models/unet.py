@@ -160,7 +160,6 @@ class UNet2DConditionModel(nn.Module):
         self.up_blocks = nn.ModuleList(up)
 
         self.conv_norm_out = nn.GroupNorm(groups, channels, eps=norm_eps)
-        self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
         if zero_init_out:  # start by predicting 0: the first steps do not fight a random output
             nn.init.zeros_(self.conv_out.weight)
@@ -207,7 +206,7 @@ class UNet2DConditionModel(nn.Module):
         for block in self.up_blocks:
             x = block(x, skips, temb, encoder_hidden_states)
         # 5. out: GroupNorm, SiLU, conv back to the sample's channels
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, with_silu=True))
 
     def _check_inputs(self, sample, encoder_hidden_states, class_labels):
         """Shapes the U can take: clear errors here, so forward reads as the five steps."""

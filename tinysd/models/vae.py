@@ -64,7 +64,6 @@ class Encoder(nn.Module):
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock2D(channels, groups=groups, attention=_attention(channels, groups, mid_block_attention))
         self.conv_norm_out = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, x):
@@ -72,7 +71,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x, _ = block(x)
         x = self.mid_block(x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, with_silu=True))
 
 
 class Decoder(nn.Module):
@@ -91,14 +90,13 @@ class Decoder(nn.Module):
             channels = out
         self.up_blocks = nn.ModuleList(blocks)
         self.conv_norm_out = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, with_silu=True))
 
 
 def _attention(channels, groups, enabled):

@@ -412,25 +412,28 @@ def pad(x, pad, mode="constant", value=0.0):
 
 class GroupNormFunction(Function):
     """Normalise each group of C / G channels of each sample over its channels and positions,
-    then scale and shift per channel. See kernels.reference.group_norm, group_norm_backward."""
+    then scale and shift per channel (and, with_silu, apply SiLU: one pass over memory instead of
+    two each way, and the normalised values are not kept for backward).
+    See kernels.reference.group_norm, group_norm_backward."""
 
     kernel_dtypes = KERNEL_DTYPES
 
-    def forward(self, x, *affine, num_groups, eps):
+    def forward(self, x, *affine, num_groups, eps, with_silu):
         w, b = affine if affine else (None, None)
-        y, mean, rstd = kernels.for_array(x).group_norm(x, num_groups, w, b, eps)
-        self.save_for_backward(x, mean, rstd, w)
-        self.num_groups = num_groups
+        y, mean, rstd = kernels.for_array(x).group_norm(x, num_groups, w, b, eps, with_silu)
+        self.save_for_backward(x, mean, rstd, w, b)
+        self.num_groups, self.with_silu = num_groups, with_silu
         return y
 
     def backward(self, g):
-        x, mean, rstd, w = self.saved
-        dx, dw, db = kernels.for_array(g).group_norm_backward(g, x, mean, rstd, w, self.num_groups)
+        x, mean, rstd, w, b = self.saved
+        dx, dw, db = kernels.for_array(g).group_norm_backward(g, x, mean, rstd, w, self.num_groups, b, self.with_silu)
         return dx if w is None else (dx, dw, db)
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
-    """Group normalisation of x (N, C, *spatial) with per-channel affine weight, bias (C,)."""
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, with_silu=False):
+    """Group normalisation of x (N, C, *spatial) with per-channel affine weight, bias (C,);
+    with_silu=True: silu(group_norm(x)) as one op (a ResNet block's norm and activation)."""
     op = "group_norm"
     _check_float(op, input=x)
     if x.ndim < 2:
@@ -441,7 +444,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     affine = _affine(op, weight, bias, (channels,), x)
     if x.size == 0:  # an empty batch: an empty result, as PyTorch gives (the kernel needs rows)
         return _empty_result(x, affine)
-    return GroupNormFunction.apply(x, *affine, num_groups=num_groups, eps=eps)
+    return GroupNormFunction.apply(x, *affine, num_groups=num_groups, eps=eps, with_silu=with_silu)
 
 
 def _empty_result(x, per_channel):

@@ -443,8 +443,9 @@ class GroupNorm(Module):
         self.weight = Parameter(np.ones(num_channels, np.float32)) if affine else None
         self.bias = _empty(num_channels) if affine else None
 
-    def forward(self, x):
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    def forward(self, x, with_silu=False):
+        """The normalised x; with_silu=True: silu of it, in one fused op (as ResNet blocks use it)."""
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, with_silu)
 
     def extra_repr(self):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
