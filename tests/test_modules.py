@@ -64,6 +64,33 @@ def test_containers_name_their_items_by_index_and_key():
     assert "dec" in md and list(md.keys()) == ["enc", "dec"]
 
 
+def test_sequential_runs_group_norm_then_silu_as_one_fused_op(monkeypatch):
+    """nn.Sequential fuses a GroupNorm followed by a SiLU (not a SiLU after anything else): the same
+    values and gradients as the two modules one after the other."""
+    import tinysd.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    seq = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU(), nn.SiLU()).double()
+    for p in seq.parameters():
+        p.data[...] = rng.standard_normal(p.shape)
+    x = tinysd.tensor(rng.standard_normal((3, 2, 5, 5)), requires_grad=True)
+    calls = []
+    monkeypatch.setattr(F, "group_norm", lambda *a, f=F.group_norm: calls.append(a[-1]) or f(*a))
+    fused = seq(x)
+    assert calls == [True]  # with_silu, the last positional argument
+    fused.sum().backward()
+    grads = [t.grad.numpy().copy() for t in (x, *seq.parameters())]
+    x.grad = None
+    seq.zero_grad()
+    plain = x
+    for m in seq:
+        plain = m(plain)
+    np.testing.assert_allclose(fused.numpy(), plain.numpy(), rtol=1e-12)
+    plain.sum().backward()
+    for g, t in zip(grads, (x, *seq.parameters())):
+        np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
 def test_module_without_super_init_still_works():
     class Bare(nn.Module):
         def __init__(self):  # forgot super().__init__()
