@@ -1075,9 +1075,6 @@ def _block_rows(block, blocks, rows):
     return block * rows // blocks, (block + 1) * rows // blocks
 
 
-_BLOCKS = 64  # parallel blocks per kernel: enough to balance 2-16 threads, few enough to amortise scratch
-
-
 # ---- normalisation: rows normalised over their length, then an affine map ---------
 # Layer norm of x (M, D) works on rows of length D, with the (D,) weight and bias.
 # Group norm of x (N, C, *spatial) works on rows (n, g) of C/G channels x S positions,
