@@ -316,7 +316,7 @@ class Sequential(ModuleList):
     def forward(self, x):
         modules, i = self._items, 0
         while i < len(modules):
-            if isinstance(modules[i], GroupNorm) and i + 1 < len(modules) and type(modules[i + 1]) is SiLU:
+            if type(modules[i]) is GroupNorm and i + 1 < len(modules) and type(modules[i + 1]) is SiLU:
                 x, i = modules[i](x, with_silu=True), i + 2
             else:
                 x, i = modules[i](x), i + 1
