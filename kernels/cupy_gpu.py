@@ -41,6 +41,8 @@ import numpy as np
 from .reference import linear, linear_grad_input, linear_grad_weight  # noqa: F401
 # GEGLU: the reference's composition of gelu (CuPy's erf through cupyx)
 from .reference import geglu, geglu_backward  # noqa: F401,E402
+# group norm + SiLU's backward rebuilds y with the reference's elementwise affine map
+from .reference import _group_norm_affine  # noqa: E402
 
 BLOCK = 128  # threads per block for the one-block-per-row kernels (must match the CUDA source)
 
@@ -587,12 +589,7 @@ def group_norm_backward(dy, x, mean, rstd, weight, num_groups, bias=None, with_s
     """dx = rstd * (g - mean(g) - xh * mean(g * xh)), g = dy * w; dw = sum dy * xh; db = sum dy.
     with_silu: dy, the gradient of silu(y), becomes silu'(y) dy first (y rebuilt from x and the stats)."""
     if with_silu:
-        n, c = x.shape[:2]
-        groups = x.reshape(n, num_groups, -1)
-        y = ((groups - mean[..., None]) * rstd[..., None]).reshape(x.shape)
-        per_channel = (1, c) + (1,) * (x.ndim - 2)
-        y = y if weight is None else y * weight.reshape(per_channel)
-        dy = silu_backward(dy, y if bias is None else y + bias.reshape(per_channel))
+        dy = silu_backward(dy, _group_norm_affine(x, mean, rstd, weight, bias, num_groups))
     return _norm_backward(dy, x, mean, rstd, weight, num_groups)
 
 

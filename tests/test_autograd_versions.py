@@ -116,3 +116,18 @@ def test_a_normal_training_step_raises_nothing():
         loss.backward()
         opt.step()
     assert model.weight._version[0] >= 3
+
+
+def test_group_norm_watches_its_bias_only_when_fused_with_silu():
+    """The bias is saved (and so watched) only by the fused GroupNorm + SiLU, whose backward rebuilds
+    the normalised values; a plain group norm's gradient does not read it."""
+    for with_silu, raises in ((False, False), (True, True)):
+        norm = nn.GroupNorm(2, 4)
+        loss = norm(tinysd.randn(3, 4, 5), with_silu=with_silu).sum()
+        with tinysd.no_grad():
+            norm.bias += 1.0
+        if raises:
+            with pytest.raises(RuntimeError, match="GroupNorm saved its input 2 of shape \\(4,\\)"):
+                loss.backward()
+        else:
+            loss.backward()

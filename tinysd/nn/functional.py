@@ -421,7 +421,7 @@ class GroupNormFunction(Function):
     def forward(self, x, *affine, num_groups, eps, with_silu):
         w, b = affine if affine else (None, None)
         y, mean, rstd = kernels.for_array(x).group_norm(x, num_groups, w, b, eps, with_silu)
-        self.save_for_backward(x, mean, rstd, w, b)
+        self.save_for_backward(x, mean, rstd, w, b if with_silu else None)  # (silu' needs y, so b)
         self.num_groups, self.with_silu = num_groups, with_silu
         return y
 
