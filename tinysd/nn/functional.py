@@ -444,7 +444,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, with_silu=False)
     affine = _affine(op, weight, bias, (channels,), x)
     if x.size == 0:  # an empty batch: an empty result, as PyTorch gives (the kernel needs rows)
         return _empty_result(x, affine)
-    return GroupNormFunction.apply(x, *affine, num_groups=num_groups, eps=eps, with_silu=with_silu)
+    return GroupNormFunction.apply(x, *affine, num_groups=num_groups, eps=eps, with_silu=bool(with_silu))
 
 
 def _empty_result(x, per_channel):
